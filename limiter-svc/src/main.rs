@@ -1,0 +1,23 @@
+//! The limiter-svc binary.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use limiter_svc::ServeArgs;
+
+/// Concurrency limits: slots per (account, resource), kept in etcd.
+#[derive(Debug, Parser)]
+#[command(name = "limiter-svc", version, about)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse().serve;
+    plumbing::server::run_binary("limiter-svc", &args.common.clone(), || async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        limiter_svc::run(args, listener, plumbing::server::shutdown_signal()).await
+    })
+}

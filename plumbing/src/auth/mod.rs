@@ -1,0 +1,313 @@
+//! Who is calling, and may they do this?
+//!
+//! Every RPC except health and reflection carries `authorization: Bearer <JWT>` (HS256).
+//! The `kid` header picks the key: the platform key from configuration (any account), or an
+//! account key stored in etcd under `<prefix>/keys/<kid>` and mirrored into every replica by
+//! a watch, so disabling a key takes effect everywhere within the watch latency.
+//! [`AuthLayer`] verifies the token once per request and leaves a [`Caller`] in the request
+//! extensions; handlers then ask the caller for scopes and accounts.
+
+pub mod jwt;
+pub mod keys;
+mod layer;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use keys::{KeyError, KeyStore, StoredKey};
+pub use layer::{AuthLayer, AuthService, PUBLIC_PATH_PREFIXES};
+
+/// What a token can grant (DESIGN.md §4). `admin` implies every other scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Register and update one's own presence.
+    PresenceRegister,
+    /// Read presence and watch it.
+    PresenceRead,
+    /// Acquire and release concurrency slots.
+    LimiterAcquire,
+    /// Manage limits and read usage.
+    LimiterAdmin,
+    /// Route communications.
+    RouterRoute,
+    /// Manage applications.
+    RouterAdmin,
+    /// Everything.
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in contract order.
+    pub const ALL: [Scope; 7] = [
+        Scope::PresenceRegister,
+        Scope::PresenceRead,
+        Scope::LimiterAcquire,
+        Scope::LimiterAdmin,
+        Scope::RouterRoute,
+        Scope::RouterAdmin,
+        Scope::Admin,
+    ];
+
+    /// The claim string, e.g. `presence.register`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::PresenceRegister => "presence.register",
+            Scope::PresenceRead => "presence.read",
+            Scope::LimiterAcquire => "limiter.acquire",
+            Scope::LimiterAdmin => "limiter.admin",
+            Scope::RouterRoute => "router.route",
+            Scope::RouterAdmin => "router.admin",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Scope::ALL
+            .into_iter()
+            .find(|s| s.as_str() == text)
+            .ok_or_else(|| {
+                format!(
+                    "unknown scope `{text}`; known: {}",
+                    Scope::ALL.map(Scope::as_str).join(", ")
+                )
+            })
+    }
+}
+
+/// Why a request is not authenticated or not permitted. Messages never contain the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization` metadata.
+    #[error("missing `authorization` metadata: expected `authorization: Bearer <JWT>`")]
+    Missing,
+    /// `authorization` is not `Bearer <token>`.
+    #[error("`authorization` metadata must be `Bearer <JWT>`")]
+    NotBearer,
+    /// The token could not be parsed.
+    #[error("token is malformed: {0}")]
+    Malformed(&'static str),
+    /// `alg` is not HS256.
+    #[error("token algorithm must be HS256")]
+    Algorithm,
+    /// No key with this id exists.
+    #[error("token is signed with unknown key id `{0}`")]
+    UnknownKey(String),
+    /// The key exists but was disabled.
+    #[error("token is signed with disabled key `{0}`")]
+    DisabledKey(String),
+    /// The signature does not match the key.
+    #[error("token signature is invalid")]
+    Signature,
+    /// `exp` has passed.
+    #[error("token expired at {exp} (unix seconds)")]
+    Expired {
+        /// The token's `exp`.
+        exp: i64,
+    },
+    /// `nbf` is in the future.
+    #[error("token is not valid before {nbf} (unix seconds)")]
+    NotYetValid {
+        /// The token's `nbf`.
+        nbf: i64,
+    },
+    /// Lifetime over 24 h.
+    #[error("token lifetime exceeds 24 h")]
+    Lifetime,
+    /// `sub` does not match the account of the key that signed it, or is `*` on an account key.
+    #[error("token subject does not match the account of key `{0}`")]
+    SubjectMismatch(String),
+    /// The token lacks a scope.
+    #[error("token lacks scope `{0}`")]
+    MissingScope(Scope),
+    /// The request names an account the token does not speak for.
+    #[error("token for account `{token}` may not act on account `{requested}`")]
+    ForeignAccount {
+        /// The token's account.
+        token: String,
+        /// The account the request named.
+        requested: String,
+    },
+    /// The request names an identity the token does not speak for.
+    #[error("token for identity `{token}` may not act for identity `{requested}`")]
+    ForeignIdentity {
+        /// The token's identity (or `<none>`).
+        token: String,
+        /// The identity the request named.
+        requested: String,
+    },
+    /// Only platform tokens may call this.
+    #[error("only platform tokens may call this")]
+    PlatformOnly,
+    /// A platform token must name the account it acts on.
+    #[error("account_id: required with a platform token (`*` is not an account)")]
+    AccountRequired,
+}
+
+impl AuthError {
+    /// UNAUTHENTICATED for errors about the token itself, PERMISSION_DENIED for the rest.
+    pub fn is_permission(&self) -> bool {
+        matches!(
+            self,
+            AuthError::MissingScope(_)
+                | AuthError::ForeignAccount { .. }
+                | AuthError::ForeignIdentity { .. }
+                | AuthError::PlatformOnly
+        )
+    }
+}
+
+/// The authenticated principal of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's account (`*` for an all-accounts platform token).
+    pub account: String,
+    /// The identity claim, if any.
+    pub identity: Option<String>,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
+    /// Signed with the platform key.
+    pub platform: bool,
+    /// The key id that signed the token.
+    pub key_id: String,
+}
+
+impl Caller {
+    /// Whether the caller holds `scope` (directly or through `admin`).
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| *s == scope || *s == Scope::Admin)
+    }
+
+    /// PERMISSION_DENIED unless the caller holds `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), AuthError> {
+        if self.has(scope) {
+            Ok(())
+        } else {
+            Err(AuthError::MissingScope(scope))
+        }
+    }
+
+    /// Only platform tokens pass.
+    pub fn require_platform(&self) -> Result<(), AuthError> {
+        if self.platform {
+            Ok(())
+        } else {
+            Err(AuthError::PlatformOnly)
+        }
+    }
+
+    /// The account a request acts on: `requested` when given, else the token's. A non-platform
+    /// token may only name its own account.
+    pub fn account_for(&self, requested: &str) -> Result<String, AuthError> {
+        match (requested.is_empty(), self.platform) {
+            (true, _) if self.account == "*" => Err(AuthError::AccountRequired),
+            (true, _) => Ok(self.account.clone()),
+            (false, true) if self.account == "*" || self.account == requested => {
+                Ok(requested.to_owned())
+            }
+            (false, _) if self.account == requested => Ok(requested.to_owned()),
+            (false, _) => Err(AuthError::ForeignAccount {
+                token: self.account.clone(),
+                requested: requested.to_owned(),
+            }),
+        }
+    }
+
+    /// Whether the caller may act for any identity in its account (platform or `admin`).
+    pub fn may_act_for_others(&self) -> bool {
+        self.platform || self.scopes.contains(&Scope::Admin)
+    }
+
+    /// The caller of a request, as left by [`AuthLayer`].
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Caller, AuthError> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or(AuthError::Missing)
+    }
+}
+
+/// The keys a replica accepts: the platform key and the mirrored account keys.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    platform: Option<(String, Arc<[u8]>)>,
+    keys: Option<KeyStore>,
+}
+
+impl Verifier {
+    /// `platform` is (key id, secret); `keys` the account key store, if any.
+    pub fn new(platform: Option<(String, Vec<u8>)>, keys: Option<KeyStore>) -> Self {
+        Self {
+            platform: platform.map(|(id, secret)| (id, Arc::from(secret))),
+            keys,
+        }
+    }
+
+    /// Verifies an `authorization` metadata value at time `now` (unix seconds).
+    pub fn verify(&self, authorization: Option<&str>, now: i64) -> Result<Caller, AuthError> {
+        let value = authorization.ok_or(AuthError::Missing)?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::NotBearer)?;
+        let unverified = jwt::parse(token)?;
+        let kid = unverified.key_id.clone();
+        if let Some((platform_id, secret)) = &self.platform
+            && *platform_id == kid
+        {
+            let claims = unverified.verify(secret, now)?;
+            return Ok(caller(claims, true, kid));
+        }
+        let key = self
+            .keys
+            .as_ref()
+            .and_then(|k| k.lookup(&kid))
+            .ok_or_else(|| AuthError::UnknownKey(kid.clone()))?;
+        let secret = key.secret_bytes();
+        let claims = unverified.verify(&secret, now)?;
+        if key.disabled {
+            return Err(AuthError::DisabledKey(kid));
+        }
+        if claims.sub != key.account_id {
+            return Err(AuthError::SubjectMismatch(kid));
+        }
+        Ok(caller(claims, false, kid))
+    }
+}
+
+fn caller(claims: jwt::Claims, platform: bool, key_id: String) -> Caller {
+    Caller {
+        account: claims.sub,
+        identity: claims.identity.filter(|i| !i.is_empty()),
+        // Unknown scope strings grant nothing; they are not an error so that newer
+        // minters can add scopes without breaking older replicas.
+        scopes: claims
+            .scopes
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        platform,
+        key_id,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -1,0 +1,90 @@
+//! Flags shared by every binary (DESIGN.md §4), each with its `SWITCHBOARD_*` fallback.
+//!
+//! A service's own `Cli` flattens [`CommonArgs`] and adds `--listen` (whose default differs
+//! per service) plus its own flags. OpenTelemetry export is configured through the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` variable, read by [`crate::telemetry`].
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// Flags every Switchboard server takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// etcd endpoints, comma-separated (e.g. `http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    #[arg(
+        long = "etcd",
+        env = "SWITCHBOARD_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix under which all of this deployment's state lives in etcd.
+    #[arg(long, env = "SWITCHBOARD_ETCD_PREFIX", default_value = "/switchboard")]
+    pub etcd_prefix: String,
+
+    /// Key id (JWT `kid`) of the platform key, which may sign tokens for any account.
+    #[arg(long, env = "SWITCHBOARD_PLATFORM_KEY_ID", default_value = "platform")]
+    pub platform_key_id: String,
+
+    /// Secret of the platform key (HS256). Without it only account keys stored in etcd
+    /// are accepted. Prefer the environment variable: flags show in `ps`.
+    #[arg(long, env = "SWITCHBOARD_PLATFORM_SECRET", hide_env_values = true)]
+    pub platform_secret: Option<String>,
+
+    /// Log format on stderr: `human` for people, `json` for log collectors.
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// How long a stopping server waits for in-flight requests and streams to finish
+    /// after SIGTERM/SIGINT before it closes them.
+    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+
+    /// TTL in seconds of this replica's own etcd lease (the one that owns its sessions and
+    /// records); a crashed replica's state disappears within this time.
+    #[arg(long, env = "SWITCHBOARD_REPLICA_TTL", default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=300))]
+    pub replica_ttl: i64,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (digits, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(value)),
+        "s" => Ok(Duration::from_secs(value)),
+        "m" => Ok(Duration::from_secs(value * 60)),
+        _ => Err(format!("`{text}`: unit must be ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! A lease kept alive on a ticker, whose loss is reported to its owner.
+//!
+//! Keep-alives are not raft writes (DESIGN.md §3), so one lease per process or session is
+//! cheap to keep. The keeper sends one every TTL/3, each under a TTL/3 timeout; when etcd
+//! answers `ttl <= 0` the lease is gone (expired or revoked elsewhere), and when no
+//! keep-alive has succeeded for a whole TTL the lease must be assumed gone too. Either way
+//! the [`Lease::lost`] token fires so the owner can stop using keys bound to it.
+
+use std::time::Duration;
+
+use etcd_client::LeaseClient;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{EtcdError, EtcdSession};
+
+/// Why a lease was declared lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseLost {
+    /// etcd said the lease does not exist any more (expired or revoked).
+    Expired,
+    /// No keep-alive succeeded for a full TTL; etcd has certainly expired it by now.
+    Unreachable,
+}
+
+/// A granted lease and the task keeping it alive.
+#[derive(Debug)]
+pub struct Lease {
+    id: i64,
+    ttl: i64,
+    lost: CancellationToken,
+    reason: std::sync::Arc<std::sync::OnceLock<LeaseLost>>,
+    stop: CancellationToken,
+    keeper: JoinHandle<()>,
+    session: EtcdSession,
+}
+
+impl Lease {
+    /// Grants a lease of `ttl` seconds and starts keeping it alive.
+    pub async fn grant(session: &EtcdSession, ttl: i64) -> Result<Self, EtcdError> {
+        let mut client = session.client();
+        let granted = session.bounded(client.lease_grant(ttl, None)).await?;
+        let (id, ttl) = (granted.id(), granted.ttl());
+        let lost = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let reason = std::sync::Arc::new(std::sync::OnceLock::new());
+        let keeper = tokio::spawn(keep_alive(
+            session.client().lease_client(),
+            id,
+            ttl,
+            lost.clone(),
+            reason.clone(),
+            stop.clone(),
+        ));
+        Ok(Self {
+            id,
+            ttl,
+            lost,
+            reason,
+            stop,
+            keeper,
+            session: session.clone(),
+        })
+    }
+
+    /// The etcd lease id, to attach keys with `PutOptions::with_lease`.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// The TTL etcd granted, in seconds.
+    pub fn ttl(&self) -> i64 {
+        self.ttl
+    }
+
+    /// Fires when the lease is gone; every key attached to it is gone too.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Why the lease was lost, once it has been.
+    pub fn lost_reason(&self) -> Option<LeaseLost> {
+        self.reason.get().copied()
+    }
+
+    /// Stops the keeper and revokes the lease, deleting every key attached to it at once.
+    pub async fn revoke(mut self) -> Result<(), EtcdError> {
+        self.stop.cancel();
+        let _ = (&mut self.keeper).await;
+        let mut client = self.session.client();
+        self.session
+            .bounded(client.lease_revoke(self.id))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Without an explicit revoke the lease simply expires after its TTL.
+        self.stop.cancel();
+    }
+}
+
+async fn keep_alive(
+    mut client: LeaseClient,
+    id: i64,
+    ttl: i64,
+    lost: CancellationToken,
+    reason: std::sync::Arc<std::sync::OnceLock<LeaseLost>>,
+    stop: CancellationToken,
+) {
+    let period = Duration::from_millis((ttl.max(1) as u64 * 1000 / 3).max(200));
+    let mut deadline = Instant::now() + Duration::from_secs(ttl.max(1) as u64);
+    let mut stream = None;
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let attempt = tokio::time::timeout(period, async {
+            if stream.is_none() {
+                stream = Some(client.keep_alive(id).await?);
+                // `keep_alive` already sent one request and checked its answer.
+                return Ok::<i64, etcd_client::Error>(ttl);
+            }
+            let (keeper, responses) = stream
+                .as_mut()
+                .ok_or(etcd_client::Error::LeaseKeepAliveError("no stream".into()))?;
+            keeper.keep_alive().await?;
+            match responses.message().await? {
+                Some(answer) => Ok(answer.ttl()),
+                None => Err(etcd_client::Error::LeaseKeepAliveError(
+                    "keep-alive stream closed".into(),
+                )),
+            }
+        })
+        .await;
+        match attempt {
+            Ok(Ok(remaining)) if remaining > 0 => {
+                deadline = Instant::now() + Duration::from_secs(remaining as u64);
+            }
+            Ok(Ok(_)) => return declare_lost(id, &lost, &reason, LeaseLost::Expired),
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
+                if message.contains("not found") =>
+            {
+                return declare_lost(id, &lost, &reason, LeaseLost::Expired);
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(lease = id, error = %err, "lease keep-alive failed; retrying");
+                stream = None;
+            }
+            Err(_) => {
+                tracing::warn!(lease = id, "lease keep-alive timed out; retrying");
+                stream = None;
+            }
+        }
+        if Instant::now() >= deadline {
+            return declare_lost(id, &lost, &reason, LeaseLost::Unreachable);
+        }
+    }
+}
+
+fn declare_lost(
+    id: i64,
+    lost: &CancellationToken,
+    reason: &std::sync::OnceLock<LeaseLost>,
+    why: LeaseLost,
+) {
+    tracing::error!(lease = id, reason = ?why, "etcd lease lost");
+    let _ = reason.set(why);
+    lost.cancel();
+}

@@ -1,0 +1,19 @@
+//! Plumbing every Switchboard service stands on, written once:
+//!
+//! - [`config`]: the shared flags and their `SWITCHBOARD_*` environment fallbacks;
+//! - [`telemetry`]: logs, OTLP traces and W3C trace-context propagation over gRPC;
+//! - [`etcd`]: the etcd session, a lease keeper and a watch that survives etcd restarts;
+//! - [`auth`]: HS256 tokens, account keys mirrored from etcd, the auth layer and [`auth::Caller`];
+//! - [`server`]: health, reflection, layers, graceful shutdown and the replica lease;
+//! - [`client`]: channels and call credentials for service-to-service calls;
+//! - [`validate`] and [`status`]: field rules and the mapping of these errors to gRPC codes.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod etcd;
+pub mod server;
+pub mod status;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,45 @@
+//! The presence-svc binary: `presence-svc [serve flags]` or `presence-svc token …`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use presence_svc::ServeArgs;
+use presence_svc::token::TokenArgs;
+
+/// Presence of client applications, and the account signing keys.
+#[derive(Debug, Parser)]
+#[command(name = "presence-svc", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print one signed JWT (HS256) for developers and operators.
+    Token(TokenArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = &cli.command {
+        return match presence_svc::token::mint(args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("presence-svc token: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let args = cli.serve;
+    plumbing::server::run_binary("presence-svc", &args.common.clone(), || async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        presence_svc::run(args, listener, plumbing::server::shutdown_signal()).await
+    })
+}
