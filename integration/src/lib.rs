@@ -1,1 +1,336 @@
+//! The test harness and the benchmark of Switchboard.
+//!
+//! - [`Etcd`] starts a real etcd (Debian's `/usr/bin/etcd`, or `$SWITCHBOARD_TEST_ETCD`) on
+//!   free loopback ports, with its data in a temporary folder; it can be stopped, restarted
+//!   on the same ports and data, and is killed when dropped.
+//! - [`unique_prefix`] gives each test its own etcd key prefix.
+//! - [`Tokens`] mints platform and account tokens for tests.
+//! - [`poll_until`] awaits a condition with a deadline, instead of sleeping.
+//! - [`ServiceProcess`] runs a built service binary (for `kill -9` tests).
+//!
+//! Services started in-process live in each test (they need the service crates, which are
+//! this crate's dev-dependencies), through [`serve_in_process`].
 #![forbid(unsafe_code)]
+
+pub mod bench;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use plumbing::auth::Scope;
+use plumbing::auth::jwt::{self, TokenRequest};
+use plumbing::config::{CommonArgs, LogFormat};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Platform key id every test server is configured with.
+pub const PLATFORM_KEY_ID: &str = "platform-test";
+/// Platform secret every test server is configured with.
+pub const PLATFORM_SECRET: &str = "test-platform-secret-0123456789";
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|err| panic!("no free port: {err}"))
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix() -> String {
+    format!("/sbtest-{:016x}", rand_u64())
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()));
+    hasher.finish()
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, for at most `timeout`.
+/// Panics with `what` when the deadline passes.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real etcd process on loopback.
+#[derive(Debug)]
+pub struct Etcd {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    client_port: u16,
+    peer_port: u16,
+    fsync: bool,
+    data: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// Starts a single-member etcd without fsync (tests only).
+    pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Starts a single-member etcd; `fsync` false adds `--unsafe-no-fsync`.
+    pub async fn start_with(fsync: bool) -> Self {
+        let data = tempfile::tempdir().unwrap_or_else(|err| panic!("tempdir: {err}"));
+        let (client_port, peer_port) = (free_port(), free_port());
+        let mut etcd = Self {
+            endpoint: format!("http://127.0.0.1:{client_port}"),
+            client_port,
+            peer_port,
+            fsync,
+            data,
+            child: None,
+        };
+        etcd.launch().await;
+        etcd
+    }
+
+    /// The binary: `$SWITCHBOARD_TEST_ETCD` or `/usr/bin/etcd`.
+    pub fn binary() -> PathBuf {
+        std::env::var_os("SWITCHBOARD_TEST_ETCD").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from)
+    }
+
+    async fn launch(&mut self) {
+        let mut command = Command::new(Self::binary());
+        command
+            .arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(self.data.path().join("etcd"))
+            .arg("--listen-client-urls")
+            .arg(&self.endpoint)
+            .arg("--advertise-client-urls")
+            .arg(&self.endpoint)
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg("--initial-cluster")
+            .arg(format!("test=http://127.0.0.1:{}", self.peer_port))
+            .arg("--log-level")
+            .arg("error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if !self.fsync {
+            command.arg("--unsafe-no-fsync");
+        }
+        let child = command.spawn().unwrap_or_else(|err| {
+            panic!("cannot start {}: {err} (install it with `apt-get install -y etcd-server`)", Self::binary().display())
+        });
+        self.child = Some(child);
+        let address: SocketAddr = ([127, 0, 0, 1], self.client_port).into();
+        let endpoint = self.endpoint.clone();
+        poll_until(&format!("etcd at {endpoint}"), Duration::from_secs(15), || {
+            let endpoint = endpoint.clone();
+            async move {
+            let stream = tokio::net::TcpStream::connect(address).await.ok()?;
+            drop(stream);
+            let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.ok()?;
+            client.get("health-probe", None).await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills etcd (SIGKILL) and waits for it to exit.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Kills and starts etcd again on the same ports with the same data.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.launch().await;
+    }
+
+    /// A client connected to this etcd.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint.as_str()], None)
+            .await
+            .unwrap_or_else(|err| panic!("etcd client: {err}"))
+    }
+}
+
+/// The shared flags for a test server against `etcd` under `prefix`.
+pub fn common_args(etcd: &Etcd, prefix: &str) -> CommonArgs {
+    CommonArgs {
+        etcd_endpoints: vec![etcd.endpoint.clone()],
+        etcd_prefix: prefix.to_owned(),
+        platform_key_id: PLATFORM_KEY_ID.to_owned(),
+        platform_secret: Some(PLATFORM_SECRET.to_owned()),
+        log_format: LogFormat::Human,
+        drain_timeout: Duration::from_secs(5),
+        replica_ttl: 5,
+    }
+}
+
+/// A server running in this process.
+#[derive(Debug)]
+pub struct InProcess<E> {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    /// The server task; resolves when it has stopped.
+    pub join: JoinHandle<Result<(), E>>,
+}
+
+impl<E> InProcess<E> {
+    /// Asks for a graceful shutdown (as SIGTERM would) and waits for it.
+    pub async fn shutdown(mut self) -> Result<(), E> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.join.await {
+            Ok(result) => result,
+            Err(err) => panic!("server task failed: {err}"),
+        }
+    }
+
+    /// Simulates a crash: the task is aborted, nothing is cleaned up, leases expire by TTL.
+    pub fn crash(self) {
+        self.join.abort();
+    }
+
+    /// `http://addr` for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Binds 127.0.0.1:0 and runs `run(listener, stop)` on a task, waiting until it answers.
+pub async fn serve_in_process<E, F, Fut>(run: F) -> InProcess<E>
+where
+    F: FnOnce(tokio::net::TcpListener, oneshot::Receiver<()>) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|err| panic!("bind: {err}"));
+    let addr = listener.local_addr().unwrap_or_else(|err| panic!("local addr: {err}"));
+    let (stop, stopped) = oneshot::channel();
+    let join = tokio::spawn(run(listener, stopped));
+    wait_serving(addr).await;
+    InProcess { addr, stop: Some(stop), join }
+}
+
+/// Waits until `addr` answers a gRPC health check with SERVING.
+pub async fn wait_serving(addr: SocketAddr) {
+    poll_until(&format!("server at {addr} to be SERVING"), Duration::from_secs(20), || async move {
+        let channel = plumbing::client::channel(&addr.to_string()).ok()?;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let answer = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
+        (answer.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32).then_some(())
+    })
+    .await;
+}
+
+/// Mints tokens for tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Tokens;
+
+impl Tokens {
+    /// A platform token for `account` (`*` for all) with `scopes`.
+    pub fn platform(account: &str, scopes: &[Scope]) -> String {
+        Self::signed(PLATFORM_KEY_ID, PLATFORM_SECRET, account, None, scopes, 600)
+    }
+
+    /// Any token, for tests that need unusual ones.
+    pub fn signed(key_id: &str, secret: &str, account: &str, identity: Option<&str>, scopes: &[Scope], ttl: i64) -> String {
+        let request = TokenRequest { key_id, secret: secret.as_bytes(), account, identity, scopes, ttl_secs: ttl };
+        jwt::mint(&request, plumbing::auth::unix_now()).unwrap_or_else(|err| panic!("mint: {err}"))
+    }
+
+    /// Wraps `message` in a request carrying `token`.
+    pub fn request<T>(token: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let value = format!("Bearer {token}").parse().unwrap_or_else(|err| panic!("metadata: {err}"));
+        request.metadata_mut().insert("authorization", value);
+        request
+    }
+}
+
+/// A service binary run as a child process, killed when dropped.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ServiceProcess {
+    /// Path of a built binary of this workspace (`target/<profile>/<name>`), next to the
+    /// test executable's `deps` folder.
+    pub fn binary(name: &str) -> PathBuf {
+        let exe = std::env::current_exe().unwrap_or_else(|err| panic!("current exe: {err}"));
+        let dir = exe.parent().and_then(|deps| deps.parent()).unwrap_or_else(|| panic!("no target dir"));
+        let path = dir.join(name);
+        assert!(path.exists(), "{} is not built; run `cargo build --workspace --bins` first", path.display());
+        path
+    }
+
+    /// Starts `name` with `args` on a free port, against `etcd` under `prefix`.
+    pub async fn start(name: &str, etcd: &Etcd, prefix: &str, args: &[&str]) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let child = Command::new(Self::binary(name))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--etcd")
+            .arg(&etcd.endpoint)
+            .arg("--etcd-prefix")
+            .arg(prefix)
+            .arg("--platform-key-id")
+            .arg(PLATFORM_KEY_ID)
+            .arg("--replica-ttl")
+            .arg("5")
+            .args(args)
+            .env("SWITCHBOARD_PLATFORM_SECRET", PLATFORM_SECRET)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
+        wait_serving(addr).await;
+        Self { addr, child }
+    }
+
+    /// SIGKILL, as a crash.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        self.child.wait().await.unwrap_or_else(|err| panic!("wait: {err}"))
+    }
+
+    /// `http://addr` for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}

@@ -1,0 +1,1 @@
+//! The benchmark (filled in by the limiter issue).
