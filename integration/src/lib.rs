@@ -64,7 +64,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -105,7 +108,8 @@ impl Etcd {
 
     /// The binary: `$SWITCHBOARD_TEST_ETCD` or `/usr/bin/etcd`.
     pub fn binary() -> PathBuf {
-        std::env::var_os("SWITCHBOARD_TEST_ETCD").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from)
+        std::env::var_os("SWITCHBOARD_TEST_ETCD")
+            .map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from)
     }
 
     async fn launch(&mut self) {
@@ -135,20 +139,29 @@ impl Etcd {
             command.arg("--unsafe-no-fsync");
         }
         let child = command.spawn().unwrap_or_else(|err| {
-            panic!("cannot start {}: {err} (install it with `apt-get install -y etcd-server`)", Self::binary().display())
+            panic!(
+                "cannot start {}: {err} (install it with `apt-get install -y etcd-server`)",
+                Self::binary().display()
+            )
         });
         self.child = Some(child);
         let address: SocketAddr = ([127, 0, 0, 1], self.client_port).into();
         let endpoint = self.endpoint.clone();
-        poll_until(&format!("etcd at {endpoint}"), Duration::from_secs(15), || {
-            let endpoint = endpoint.clone();
-            async move {
-            let stream = tokio::net::TcpStream::connect(address).await.ok()?;
-            drop(stream);
-            let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.ok()?;
-            client.get("health-probe", None).await.ok().map(|_| ())
-            }
-        })
+        poll_until(
+            &format!("etcd at {endpoint}"),
+            Duration::from_secs(15),
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let stream = tokio::net::TcpStream::connect(address).await.ok()?;
+                    drop(stream);
+                    let mut client = etcd_client::Client::connect([endpoint.as_str()], None)
+                        .await
+                        .ok()?;
+                    client.get("health-probe", None).await.ok().map(|_| ())
+                }
+            },
+        )
         .await;
     }
 
@@ -229,21 +242,38 @@ where
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|err| panic!("bind: {err}"));
-    let addr = listener.local_addr().unwrap_or_else(|err| panic!("local addr: {err}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|err| panic!("local addr: {err}"));
     let (stop, stopped) = oneshot::channel();
     let join = tokio::spawn(run(listener, stopped));
     wait_serving(addr).await;
-    InProcess { addr, stop: Some(stop), join }
+    InProcess {
+        addr,
+        stop: Some(stop),
+        join,
+    }
 }
 
 /// Waits until `addr` answers a gRPC health check with SERVING.
 pub async fn wait_serving(addr: SocketAddr) {
-    poll_until(&format!("server at {addr} to be SERVING"), Duration::from_secs(20), || async move {
-        let channel = plumbing::client::channel(&addr.to_string()).ok()?;
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        let answer = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
-        (answer.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32).then_some(())
-    })
+    poll_until(
+        &format!("server at {addr} to be SERVING"),
+        Duration::from_secs(20),
+        || async move {
+            let channel = plumbing::client::channel(&addr.to_string()).ok()?;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let answer = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()?;
+            (answer.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -258,15 +288,31 @@ impl Tokens {
     }
 
     /// Any token, for tests that need unusual ones.
-    pub fn signed(key_id: &str, secret: &str, account: &str, identity: Option<&str>, scopes: &[Scope], ttl: i64) -> String {
-        let request = TokenRequest { key_id, secret: secret.as_bytes(), account, identity, scopes, ttl_secs: ttl };
+    pub fn signed(
+        key_id: &str,
+        secret: &str,
+        account: &str,
+        identity: Option<&str>,
+        scopes: &[Scope],
+        ttl: i64,
+    ) -> String {
+        let request = TokenRequest {
+            key_id,
+            secret: secret.as_bytes(),
+            account,
+            identity,
+            scopes,
+            ttl_secs: ttl,
+        };
         jwt::mint(&request, plumbing::auth::unix_now()).unwrap_or_else(|err| panic!("mint: {err}"))
     }
 
     /// Wraps `message` in a request carrying `token`.
     pub fn request<T>(token: &str, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        let value = format!("Bearer {token}").parse().unwrap_or_else(|err| panic!("metadata: {err}"));
+        let value = format!("Bearer {token}")
+            .parse()
+            .unwrap_or_else(|err| panic!("metadata: {err}"));
         request.metadata_mut().insert("authorization", value);
         request
     }
@@ -285,9 +331,16 @@ impl ServiceProcess {
     /// test executable's `deps` folder.
     pub fn binary(name: &str) -> PathBuf {
         let exe = std::env::current_exe().unwrap_or_else(|err| panic!("current exe: {err}"));
-        let dir = exe.parent().and_then(|deps| deps.parent()).unwrap_or_else(|| panic!("no target dir"));
+        let dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .unwrap_or_else(|| panic!("no target dir"));
         let path = dir.join(name);
-        assert!(path.exists(), "{} is not built; run `cargo build --workspace --bins` first", path.display());
+        assert!(
+            path.exists(),
+            "{} is not built; run `cargo build --workspace --bins` first",
+            path.display()
+        );
         path
     }
 
@@ -324,9 +377,16 @@ impl ServiceProcess {
     /// SIGTERM, then waits for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
         }
-        self.child.wait().await.unwrap_or_else(|err| panic!("wait: {err}"))
+        self.child
+            .wait()
+            .await
+            .unwrap_or_else(|err| panic!("wait: {err}"))
     }
 
     /// `http://addr` for clients.

@@ -30,13 +30,16 @@ pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
+/// An `authorization` metadata value.
+type AuthValue = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+
 /// Adds `authorization` (a platform token minted here) and `traceparent` to every call.
 #[derive(Clone)]
 pub struct CallCredentials {
     key_id: Arc<str>,
     secret: Arc<[u8]>,
     scopes: Arc<[Scope]>,
-    cached: Arc<Mutex<Option<(tonic::metadata::MetadataValue<tonic::metadata::Ascii>, i64)>>>,
+    cached: Arc<Mutex<Option<(AuthValue, i64)>>>,
 }
 
 impl std::fmt::Debug for CallCredentials {
@@ -58,7 +61,7 @@ impl CallCredentials {
         }
     }
 
-    fn token(&self) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, Status> {
+    fn token(&self) -> Result<AuthValue, Status> {
         let now = unix_now();
         let mut cached = self
             .cached
@@ -78,7 +81,7 @@ impl CallCredentials {
             ttl_secs: SERVICE_TOKEN_TTL,
         };
         let token = jwt::mint(&request, now).map_err(|e| Status::internal(e.to_string()))?;
-        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+        let value: AuthValue = format!("Bearer {token}")
             .parse()
             .map_err(|_| Status::internal("minted token is not valid metadata"))?;
         *cached = Some((value.clone(), now + SERVICE_TOKEN_TTL));

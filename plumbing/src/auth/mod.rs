@@ -311,3 +311,56 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(account: &str, platform: bool, scopes: &[Scope]) -> Caller {
+        Caller {
+            account: account.into(),
+            identity: None,
+            scopes: scopes.to_vec(),
+            platform,
+            key_id: "k".into(),
+        }
+    }
+
+    #[test]
+    fn accounts_default_to_the_token_and_foreign_ones_are_denied() {
+        let ac1 = caller("AC1", false, &[]);
+        assert_eq!(ac1.account_for(""), Ok("AC1".into()));
+        assert_eq!(ac1.account_for("AC1"), Ok("AC1".into()));
+        assert!(matches!(
+            ac1.account_for("AC2"),
+            Err(AuthError::ForeignAccount { .. })
+        ));
+        let platform = caller("*", true, &[]);
+        assert_eq!(platform.account_for("AC2"), Ok("AC2".into()));
+        assert_eq!(platform.account_for(""), Err(AuthError::AccountRequired));
+        let scoped_platform = caller("AC1", true, &[]);
+        assert!(scoped_platform.account_for("AC2").is_err());
+    }
+
+    #[test]
+    fn admin_implies_every_scope_and_others_imply_nothing() {
+        let admin = caller("AC1", false, &[Scope::Admin]);
+        assert!(Scope::ALL.iter().all(|s| admin.has(*s)));
+        let reader = caller("AC1", false, &[Scope::PresenceRead]);
+        assert!(reader.require(Scope::PresenceRead).is_ok());
+        assert_eq!(
+            reader.require(Scope::PresenceRegister),
+            Err(AuthError::MissingScope(Scope::PresenceRegister))
+        );
+        assert!(AuthError::MissingScope(Scope::Admin).is_permission());
+        assert!(!AuthError::Signature.is_permission());
+    }
+
+    #[test]
+    fn scopes_parse_from_their_claim_strings() {
+        for scope in Scope::ALL {
+            assert_eq!(scope.as_str().parse::<Scope>(), Ok(scope));
+        }
+        assert!("presence.write".parse::<Scope>().is_err());
+    }
+}

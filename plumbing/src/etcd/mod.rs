@@ -15,7 +15,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, GetOptions};
 
 pub use lease::{Lease, LeaseLost};
-pub use watch::{Mirror, MirrorUpdate, WatchItem, WatchSpec};
+pub use watch::{Mirror, MirrorUpdate, WatchItem, WatchSpec, follow};
 
 /// How long one unary etcd call may take before the caller gets [`EtcdError::Unavailable`].
 pub const CALL_DEADLINE: Duration = Duration::from_secs(5);

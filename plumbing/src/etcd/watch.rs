@@ -1,6 +1,6 @@
 //! A watch that survives etcd restarts and leader changes, and a mirror built on it.
 //!
-//! etcd-client's watch stream simply ends (or errors) when its connection breaks. [`watch`]
+//! etcd-client's watch stream simply ends (or errors) when its connection breaks. [`follow`]
 //! reopens it with backoff and resumes from the revision after the last one delivered, so
 //! no event is lost or repeated. If that revision has been compacted meanwhile, it says so
 //! with [`WatchItem::Compacted`] and stops: only the caller knows how to resnapshot.
@@ -28,7 +28,7 @@ pub struct WatchSpec {
     pub prev_kv: bool,
 }
 
-/// What a [`watch`] delivers, in revision order.
+/// What a [`follow`] delivers, in revision order.
 #[derive(Debug)]
 pub enum WatchItem {
     /// Events of one or more revisions; `revision` is the last one covered.
@@ -53,12 +53,13 @@ pub enum WatchItem {
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Progress notifications keep the resume revision fresh on quiet prefixes.
+/// How often a quiet watch asks for progress: a broken connection fails the request, so the
+/// watch notices a dead etcd within this interval instead of the TCP keep-alive's.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts a resilient watch. It runs until the receiver is dropped or a compaction is
 /// reported.
-pub fn watch(session: &EtcdSession, spec: WatchSpec) -> mpsc::Receiver<WatchItem> {
+pub fn follow(session: &EtcdSession, spec: WatchSpec) -> mpsc::Receiver<WatchItem> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(run_watch(session.clone(), spec, tx));
     rx
@@ -123,6 +124,14 @@ async fn watch_once(
             return Ok(Stop::Reconnect);
         };
         let header_revision = response.header().map_or(0, |h| h.revision());
+        if response.created() {
+            // Watching "from now": the creation revision is where delivery starts. With an
+            // explicit start revision, older events may still be on their way.
+            if *next == 0 {
+                *next = header_revision + 1;
+            }
+            continue;
+        }
         if response.canceled() {
             if response.compact_revision() > 0 {
                 let _ = tx
@@ -138,13 +147,14 @@ async fn watch_once(
             )));
         }
         let item = if response.events().is_empty() {
-            if header_revision <= 0 || (*next > 0 && header_revision < *next - 1) {
+            // etcd 3.4 answers a manual progress request (watch id -1) with the store
+            // revision even while this watcher is still catching up, so only the server's
+            // own per-watcher notifications prove that everything up to the header has
+            // been delivered.
+            if response.watch_id() < 0 || header_revision < *next {
                 continue;
             }
             *next = header_revision + 1;
-            if response.created() {
-                continue;
-            }
             WatchItem::Progress {
                 revision: header_revision,
             }
@@ -260,7 +270,7 @@ async fn run_mirror<F>(
             start_revision: at + 1,
             prev_kv: true,
         };
-        let mut items = watch(&session, spec);
+        let mut items = follow(&session, spec);
         while let Some(item) = items.recv().await {
             match item {
                 WatchItem::Events {
