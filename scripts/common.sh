@@ -45,6 +45,7 @@ sb_ensure_system_tools() {
 }
 
 # Makes sure cargo, and the cargo subcommands named as arguments (fmt, clippy), are present.
+# shellcheck disable=SC2120 # the arguments are optional
 sb_ensure_rust() {
     command -v cargo >/dev/null 2>&1 ||
         sb_die "cargo not found: install Rust from https://rustup.rs (then open a new shell)"

@@ -32,12 +32,16 @@ pub const PLATFORM_KEY_ID: &str = "platform-test";
 /// Platform secret every test server is configured with.
 pub const PLATFORM_SECRET: &str = "test-platform-secret-0123456789";
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1, below Linux's ephemeral range (32768–60999). Servers
+/// bound to port 0 get ephemeral ports, so they can never take a port handed out here —
+/// which matters when etcd is restarted on the same port while other tests run.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|err| panic!("no free port: {err}"))
+    loop {
+        let candidate = 20_000 + (rand_u64() % 12_000) as u16;
+        if StdListener::bind(("127.0.0.1", candidate)).is_ok() {
+            return candidate;
+        }
+    }
 }
 
 /// A key prefix no other test uses.
@@ -47,8 +51,11 @@ pub fn unique_prefix() -> String {
 
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()));
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
     hasher.finish()
 }
 

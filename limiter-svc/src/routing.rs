@@ -1,0 +1,288 @@
+//! Who owns which shard, and getting an operation to it.
+//!
+//! Every replica registers itself under `<prefix>/limiter/members/<replica_id>` (value: its
+//! address) and claims shards under `<prefix>/limiter/shards/<nn>`, both attached to its
+//! replica lease. A mirror of both prefixes gives every replica the same [`View`]; the
+//! [`Dispatcher`] sends each operation to the engine when this replica owns the key's
+//! shard, and otherwise forwards it to the owner through `LimiterPeerService`. While a shard
+//! has no owner (its owner crashed and its lease has not yet expired, or a claim is in
+//! progress) operations wait for the view to change, up to a routing deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use etcd_client::PutOptions;
+use plumbing::client::CallCredentials;
+use plumbing::etcd::{EtcdError, EtcdSession, Mirror, MirrorUpdate};
+use proto::limiter::v1::limiter_peer_service_client::LimiterPeerServiceClient;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::engine::{EngineError, EngineHandle, Owner, View};
+use crate::error::Error;
+
+/// A client to another replica's relay.
+pub type PeerClient = LimiterPeerServiceClient<InterceptedService<Channel, CallCredentials>>;
+
+/// How long an operation may wait for its shard to get a reachable owner.
+pub const ROUTING_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Keeps the [`View`] current and this replica registered.
+#[derive(Debug)]
+pub struct Membership {
+    /// The current view.
+    pub view: watch::Receiver<View>,
+    _mirrors: [Mirror; 2],
+}
+
+impl Membership {
+    /// Registers this replica and starts mirroring members and shard owners.
+    pub async fn join(
+        session: &EtcdSession,
+        replica_id: &str,
+        address: &str,
+        lease: i64,
+    ) -> Result<Self, EtcdError> {
+        let mut client = session.client();
+        let key = session.key(&format!("limiter/members/{replica_id}"));
+        session
+            .bounded(client.put(key, address, Some(PutOptions::new().with_lease(lease))))
+            .await?;
+        let (tx, view) = watch::channel(View::default());
+        let state = Arc::new(RwLock::new(View::default()));
+        let members = {
+            let (state, tx, prefix) = (state.clone(), tx.clone(), session.key("limiter/members/"));
+            Mirror::start(session, prefix.clone(), move |update| {
+                if let Ok(mut view) = state.write() {
+                    apply_member(&mut view, &prefix, update);
+                    tx.send_replace(view.clone());
+                }
+            })
+        };
+        let shards = {
+            let prefix = session.key("limiter/shards/");
+            Mirror::start(session, prefix.clone(), move |update| {
+                if let Ok(mut view) = state.write() {
+                    apply_shard(&mut view, &prefix, update);
+                    tx.send_replace(view.clone());
+                }
+            })
+        };
+        members.wait_for(1, plumbing::etcd::CALL_DEADLINE).await;
+        shards.wait_for(1, plumbing::etcd::CALL_DEADLINE).await;
+        Ok(Self {
+            view,
+            _mirrors: [members, shards],
+        })
+    }
+}
+
+fn apply_member(view: &mut View, prefix: &str, update: MirrorUpdate) {
+    let id_of = |raw: &[u8]| {
+        std::str::from_utf8(raw)
+            .ok()
+            .and_then(|k| k.strip_prefix(prefix))
+            .map(str::to_owned)
+    };
+    match update {
+        MirrorUpdate::Reset { kvs, .. } => {
+            view.members = kvs
+                .iter()
+                .filter_map(|kv| {
+                    Some((
+                        id_of(kv.key())?,
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    ))
+                })
+                .collect();
+        }
+        MirrorUpdate::Put(kv) => {
+            if let Some(id) = id_of(kv.key()) {
+                view.members
+                    .insert(id, String::from_utf8_lossy(kv.value()).into_owned());
+            }
+        }
+        MirrorUpdate::Delete(kv) => {
+            if let Some(id) = id_of(kv.key()) {
+                view.members.remove(&id);
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct OwnerRecord {
+    replica_id: String,
+    address: String,
+}
+
+fn apply_shard(view: &mut View, prefix: &str, update: MirrorUpdate) {
+    let shard_of = |raw: &[u8]| {
+        let text = std::str::from_utf8(raw).ok()?.strip_prefix(prefix)?;
+        u16::from_str_radix(text, 16).ok()
+    };
+    let owner_of = |kv: &etcd_client::KeyValue| {
+        let record: OwnerRecord = serde_json::from_slice(kv.value()).ok()?;
+        Some(Owner {
+            replica_id: record.replica_id,
+            address: record.address,
+            claim_revision: kv.create_revision(),
+        })
+    };
+    match update {
+        MirrorUpdate::Reset { kvs, .. } => {
+            view.owners = kvs
+                .iter()
+                .filter_map(|kv| Some((shard_of(kv.key())?, owner_of(kv)?)))
+                .collect();
+        }
+        MirrorUpdate::Put(kv) => {
+            if let (Some(shard), Some(owner)) = (shard_of(kv.key()), owner_of(&kv)) {
+                view.owners.insert(shard, owner);
+            }
+        }
+        MirrorUpdate::Delete(kv) => {
+            if let Some(shard) = shard_of(kv.key()) {
+                view.owners.remove(&shard);
+                view.vacated.insert(shard, kv.create_revision());
+            }
+        }
+    }
+}
+
+/// Sends operations to the owner of their shard.
+#[derive(Clone)]
+pub struct Dispatcher {
+    me: String,
+    engine: EngineHandle,
+    view: watch::Receiver<View>,
+    credentials: Option<CallCredentials>,
+    peers: Arc<Mutex<HashMap<String, PeerClient>>>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Target {
+    Local,
+    Peer(Box<PeerClient>),
+}
+
+impl Dispatcher {
+    /// A dispatcher for replica `me`; `credentials` sign calls to peers (None: no platform
+    /// secret, so keys owned elsewhere are unreachable).
+    pub fn new(
+        me: String,
+        engine: EngineHandle,
+        view: watch::Receiver<View>,
+        credentials: Option<CallCredentials>,
+    ) -> Self {
+        Self {
+            me,
+            engine,
+            view,
+            credentials,
+            peers: Arc::default(),
+        }
+    }
+
+    /// The local engine.
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    /// Addresses of every other live replica.
+    pub fn peer_addresses(&self) -> Vec<String> {
+        self.view
+            .borrow()
+            .members
+            .iter()
+            .filter(|(id, _)| **id != self.me)
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
+    /// A relay client to `address`.
+    pub fn peer(&self, address: &str) -> Result<PeerClient, Error> {
+        let credentials = self.credentials.clone().ok_or(Error::NoPeerCredentials)?;
+        let mut peers = self.peers.lock().map_err(|_| Error::NoPeerCredentials)?;
+        if let Some(client) = peers.get(address) {
+            return Ok(client.clone());
+        }
+        let channel = plumbing::client::channel(address)
+            .map_err(|e| Error::Peer(tonic::Status::unavailable(e.to_string())))?;
+        let client = LimiterPeerServiceClient::with_interceptor(channel, credentials);
+        peers.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn target(&self, shard: u16) -> Option<Result<Target, Error>> {
+        let owner = self.view.borrow().owners.get(&shard).cloned();
+        match owner {
+            Some(owner) if owner.replica_id == self.me => Some(Ok(Target::Local)),
+            Some(owner) => Some(self.peer(&owner.address).map(|p| Target::Peer(Box::new(p)))),
+            None if self.engine.owned().contains(&shard) => Some(Ok(Target::Local)),
+            None => None,
+        }
+    }
+
+    /// Runs `local` on the engine or `remote` on the owner, re-routing while the shard has
+    /// no reachable owner, until `extra` past the routing deadline.
+    pub async fn route<T, L, LF, R, RF>(
+        &self,
+        shard: u16,
+        extra: Duration,
+        local: L,
+        remote: R,
+    ) -> Result<T, Error>
+    where
+        L: Fn(EngineHandle) -> LF,
+        LF: Future<Output = Result<T, EngineError>>,
+        R: Fn(PeerClient) -> RF,
+        RF: Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + ROUTING_DEADLINE + extra;
+        let mut view = self.view.clone();
+        loop {
+            match self.target(shard) {
+                Some(Ok(Target::Local)) => match local(self.engine.clone()).await {
+                    Err(EngineError::NotOwner(_)) => {}
+                    other => return other.map_err(Error::Engine),
+                },
+                Some(Ok(Target::Peer(client))) => match remote(*client).await {
+                    Err(status) if retryable(&status) => {
+                        tracing::debug!(shard, code = ?status.code(), "owner unreachable or moved; re-routing");
+                    }
+                    other => return other.map_err(Error::Peer),
+                },
+                Some(Err(err)) => return Err(err),
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoOwner(shard));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), view.changed()).await;
+        }
+    }
+}
+
+/// ABORTED: the peer does not own the shard. UNAVAILABLE without the peer's
+/// [`crate::error::OUTCOME_UNKNOWN`] mark: the transport failed, the peer is gone. In
+/// neither case did the operation apply, so routing again is safe.
+fn retryable(status: &tonic::Status) -> bool {
+    status.code() == Code::Aborted
+        || (status.code() == Code::Unavailable
+            && !status
+                .metadata()
+                .contains_key(crate::error::OUTCOME_UNKNOWN))
+}

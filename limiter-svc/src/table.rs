@@ -1,0 +1,516 @@
+//! `SlotTable`: the exact in-memory state of the keys in the shards this replica owns.
+//!
+//! It is pure bookkeeping — no I/O, no clock of its own — so the admission rule can be
+//! read and tested in isolation. The engine ([`crate::engine`]) feeds it requests, turns
+//! the writes it asks for into group-committed etcd txns, and answers callers once those
+//! commit.
+//!
+//! Admission rule: a key grants while `held < limit`, where `held` counts every slot the
+//! table knows, committed or not. Uncommitted grants count from the moment they are
+//! decided, so no interleaving of requests can decide more grants than the limit allows.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+
+use crate::model::{LimitValue, SlotId, SlotKey};
+
+/// One held slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// Its id.
+    pub id: SlotId,
+    /// The key it belongs to.
+    pub key: SlotKey,
+    /// Idempotency key ("" when none).
+    pub request_id: String,
+    /// When it expires (ms since the epoch).
+    pub expire_ms: u64,
+    /// Whether its record has been committed to etcd.
+    pub committed: bool,
+}
+
+/// A caller waiting in a key's FIFO queue.
+#[derive(Debug)]
+pub struct Waiter<R> {
+    /// What it asked for.
+    pub request_id: String,
+    /// Hold it wants once granted.
+    pub hold_secs: u32,
+    /// When it gives up (ms since the epoch).
+    pub deadline_ms: u64,
+    /// Where its answer goes.
+    pub reply: R,
+}
+
+/// Counters and queue of one key.
+#[derive(Debug)]
+pub struct KeyState<R> {
+    slots: HashMap<SlotId, Slot>,
+    by_request: HashMap<String, SlotId>,
+    queue: VecDeque<Waiter<R>>,
+    /// Grants since this replica took the key.
+    pub granted_total: u64,
+    /// Rejections since this replica took the key.
+    pub rejected_total: u64,
+    /// Would-be rejections granted in shadow mode.
+    pub shadow_rejected_total: u64,
+}
+
+impl<R> Default for KeyState<R> {
+    fn default() -> Self {
+        Self {
+            slots: HashMap::new(),
+            by_request: HashMap::new(),
+            queue: VecDeque::new(),
+            granted_total: 0,
+            rejected_total: 0,
+            shadow_rejected_total: 0,
+        }
+    }
+}
+
+impl<R> KeyState<R> {
+    /// Slots held (committed or being committed).
+    pub fn held(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// Callers waiting.
+    pub fn queued(&self) -> u32 {
+        self.queue.len() as u32
+    }
+
+    /// Earliest expiry among held slots.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.slots.values().map(|s| s.expire_ms).min()
+    }
+}
+
+/// What [`SlotTable::decide`] concluded for an Acquire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A new slot; its record must be committed before the caller hears of it.
+    Grant {
+        /// The new slot.
+        slot: Slot,
+        /// Held after the grant.
+        in_flight: u32,
+        /// Granted only because the limit is in shadow mode.
+        shadow: bool,
+    },
+    /// The same request_id already holds this slot.
+    Existing(Slot),
+    /// Over the limit, no wait: reject.
+    Reject {
+        /// Held now.
+        in_flight: u32,
+    },
+    /// Over the limit: the caller was queued.
+    Queued,
+}
+
+/// What [`SlotTable::drain_queue`] did: grants (slot, held after, reply) and given-up waiters.
+pub type Drained<R> = (Vec<(Slot, u32, R)>, Vec<Waiter<R>>);
+
+/// The state of every key in the shards this replica owns.
+#[derive(Debug)]
+pub struct SlotTable<R> {
+    keys: HashMap<SlotKey, KeyState<R>>,
+    index: HashMap<SlotId, SlotKey>,
+    expiries: BinaryHeap<Reverse<(u64, SlotId)>>,
+}
+
+impl<R> Default for SlotTable<R> {
+    fn default() -> Self {
+        Self {
+            keys: HashMap::new(),
+            index: HashMap::new(),
+            expiries: BinaryHeap::new(),
+        }
+    }
+}
+
+impl<R> SlotTable<R> {
+    /// Decides an Acquire for `key` under `limit` (`None`: unlimited) at `now_ms`. A caller
+    /// that would wait is queued with `reply`; otherwise `reply` is handed back unused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide(
+        &mut self,
+        key: &SlotKey,
+        request_id: &str,
+        hold_secs: u32,
+        wait_ms: u32,
+        limit: Option<LimitValue>,
+        now_ms: u64,
+        reply: R,
+    ) -> (Decision, Option<R>) {
+        let state = self.keys.entry(key.clone()).or_default();
+        if !request_id.is_empty()
+            && let Some(slot) = state
+                .by_request
+                .get(request_id)
+                .and_then(|id| state.slots.get(id))
+        {
+            return (Decision::Existing(slot.clone()), Some(reply));
+        }
+        let held = state.held();
+        let fits = state.queue.is_empty() && limit.is_none_or(|l| held < l.max_in_flight);
+        let shadow = !fits && limit.is_some_and(|l| l.shadow);
+        if fits || shadow {
+            if shadow {
+                state.shadow_rejected_total += 1;
+            }
+            let slot = self.insert(key, request_id, hold_secs, now_ms);
+            return (
+                Decision::Grant {
+                    slot,
+                    in_flight: held + 1,
+                    shadow,
+                },
+                Some(reply),
+            );
+        }
+        let state = self.keys.entry(key.clone()).or_default();
+        if wait_ms == 0 {
+            state.rejected_total += 1;
+            return (Decision::Reject { in_flight: held }, Some(reply));
+        }
+        state.queue.push_back(Waiter {
+            request_id: request_id.to_owned(),
+            hold_secs,
+            deadline_ms: now_ms + u64::from(wait_ms),
+            reply,
+        });
+        (Decision::Queued, None)
+    }
+
+    fn insert(&mut self, key: &SlotKey, request_id: &str, hold_secs: u32, now_ms: u64) -> Slot {
+        let slot = Slot {
+            id: SlotId::new(key.shard()),
+            key: key.clone(),
+            request_id: request_id.to_owned(),
+            expire_ms: now_ms + u64::from(hold_secs) * 1000,
+            committed: false,
+        };
+        self.load(slot.clone());
+        if let Some(state) = self.keys.get_mut(key) {
+            state.granted_total += 1;
+        }
+        slot
+    }
+
+    /// Adds a slot read back from etcd (or just decided).
+    pub fn load(&mut self, slot: Slot) {
+        let state = self.keys.entry(slot.key.clone()).or_default();
+        if !slot.request_id.is_empty() {
+            state
+                .by_request
+                .insert(slot.request_id.clone(), slot.id.clone());
+        }
+        self.expiries
+            .push(Reverse((slot.expire_ms, slot.id.clone())));
+        self.index.insert(slot.id.clone(), slot.key.clone());
+        state.slots.insert(slot.id.clone(), slot);
+    }
+
+    /// Marks a slot's record as committed.
+    pub fn mark_committed(&mut self, id: &SlotId) {
+        if let Some(slot) = self.slot_mut(id) {
+            slot.committed = true;
+        }
+    }
+
+    /// The slot with this id, if held.
+    pub fn slot(&self, id: &SlotId) -> Option<&Slot> {
+        let key = self.index.get(id)?;
+        self.keys.get(key)?.slots.get(id)
+    }
+
+    fn slot_mut(&mut self, id: &SlotId) -> Option<&mut Slot> {
+        let key = self.index.get(id)?;
+        self.keys.get_mut(key)?.slots.get_mut(id)
+    }
+
+    /// Removes a slot (released, expired or rolled back); returns it if it was held.
+    pub fn remove(&mut self, id: &SlotId) -> Option<Slot> {
+        let key = self.index.remove(id)?;
+        let state = self.keys.get_mut(&key)?;
+        let slot = state.slots.remove(id)?;
+        if !slot.request_id.is_empty() {
+            state.by_request.remove(&slot.request_id);
+        }
+        Some(slot)
+    }
+
+    /// Sets a new expiry on a held slot (Renew); its record must be committed again.
+    pub fn renew(&mut self, id: &SlotId, expire_ms: u64) -> Option<Slot> {
+        let slot = self.slot_mut(id)?;
+        slot.expire_ms = expire_ms;
+        let slot = slot.clone();
+        self.expiries.push(Reverse((expire_ms, id.clone())));
+        Some(slot)
+    }
+
+    /// Removes every slot whose expiry is at or before `now_ms`; returns the keys that freed
+    /// capacity.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<SlotKey> {
+        let mut freed = Vec::new();
+        while let Some(Reverse((at, _))) = self.expiries.peek() {
+            if *at > now_ms {
+                break;
+            }
+            let Some(Reverse((at, id))) = self.expiries.pop() else {
+                break;
+            };
+            // Entries are lazily invalidated: a renewed or released slot leaves a stale one.
+            if self.slot(&id).is_some_and(|s| s.expire_ms == at)
+                && let Some(slot) = self.remove(&id)
+            {
+                freed.push(slot.key);
+            }
+        }
+        freed.sort();
+        freed.dedup();
+        freed
+    }
+
+    /// Grants queued callers of `key` while capacity allows, in FIFO order. Callers whose
+    /// deadline passed, or for whom `alive` is false (they hung up), are handed back as
+    /// timed out or dropped.
+    pub fn drain_queue(
+        &mut self,
+        key: &SlotKey,
+        limit: Option<LimitValue>,
+        now_ms: u64,
+        alive: impl Fn(&R) -> bool,
+    ) -> Drained<R> {
+        let mut granted = Vec::new();
+        let mut expired = Vec::new();
+        while let Some(state) = self.keys.get_mut(key) {
+            let has_room = limit.is_none_or(|l| state.held() < l.max_in_flight);
+            let Some(front) = state.queue.front() else {
+                break;
+            };
+            if front.deadline_ms <= now_ms || !alive(&front.reply) {
+                if let Some(waiter) = state.queue.pop_front() {
+                    state.rejected_total += 1;
+                    expired.push(waiter);
+                }
+                continue;
+            }
+            if !has_room {
+                break;
+            }
+            let Some(waiter) = state.queue.pop_front() else {
+                break;
+            };
+            let slot = self.insert(key, &waiter.request_id, waiter.hold_secs, now_ms);
+            let in_flight = self.keys.get(key).map_or(0, KeyState::held);
+            granted.push((slot, in_flight, waiter.reply));
+        }
+        (granted, expired)
+    }
+
+    /// Keys with callers waiting.
+    pub fn keys_with_queues(&self) -> Vec<SlotKey> {
+        self.keys
+            .iter()
+            .filter(|(_, s)| !s.queue.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The state of one key, if known.
+    pub fn key(&self, key: &SlotKey) -> Option<&KeyState<R>> {
+        self.keys.get(key)
+    }
+
+    /// Every key of `account` known here.
+    pub fn keys_of<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> impl Iterator<Item = (&'a SlotKey, &'a KeyState<R>)> + 'a {
+        self.keys.iter().filter(move |(k, _)| k.account == account)
+    }
+
+    /// Drops everything of `shard` (ownership lost or being reloaded); hands back the queued
+    /// callers so they can be told.
+    pub fn drop_shard(&mut self, shard: u16) -> Vec<Waiter<R>> {
+        let keys: Vec<SlotKey> = self
+            .keys
+            .keys()
+            .filter(|k| k.shard() == shard)
+            .cloned()
+            .collect();
+        let mut waiters = Vec::new();
+        for key in keys {
+            if let Some(state) = self.keys.remove(&key) {
+                for id in state.slots.keys() {
+                    self.index.remove(id);
+                }
+                waiters.extend(state.queue);
+            }
+        }
+        waiters
+    }
+
+    /// Forgets keys with nothing held, queued or counted worth keeping (bounded memory).
+    pub fn forget_idle(&mut self) {
+        self.keys
+            .retain(|_, s| !s.slots.is_empty() || !s.queue.is_empty());
+        if self.expiries.len() > 4 * self.index.len() + 1024 {
+            let live: Vec<_> = self
+                .keys
+                .values()
+                .flat_map(|s| {
+                    s.slots
+                        .values()
+                        .map(|slot| Reverse((slot.expire_ms, slot.id.clone())))
+                })
+                .collect();
+            self.expiries = live.into();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SlotKey {
+        SlotKey {
+            account: "AC1".into(),
+            resource: "calls".into(),
+        }
+    }
+
+    fn limit(max: u32) -> Option<LimitValue> {
+        Some(LimitValue {
+            max_in_flight: max,
+            shadow: false,
+        })
+    }
+
+    #[test]
+    fn grants_up_to_the_limit_then_rejects() {
+        let mut table = SlotTable::<u32>::default();
+        for i in 1..=3 {
+            assert!(
+                matches!(table.decide(&key(), "", 60, 0, limit(3), 0, i).0, Decision::Grant { in_flight, .. } if in_flight == i)
+            );
+        }
+        assert_eq!(
+            table.decide(&key(), "", 60, 0, limit(3), 0, 4).0,
+            Decision::Reject { in_flight: 3 }
+        );
+        assert_eq!(table.key(&key()).map(|s| s.rejected_total), Some(1));
+    }
+
+    #[test]
+    fn a_retried_request_id_gets_the_same_slot() {
+        let mut table = SlotTable::<u32>::default();
+        let Decision::Grant { slot, .. } = table.decide(&key(), "r1", 60, 0, limit(1), 0, 1).0
+        else {
+            panic!("not granted")
+        };
+        assert_eq!(
+            table.decide(&key(), "r1", 60, 0, limit(1), 0, 2).0,
+            Decision::Existing(slot)
+        );
+        assert_eq!(table.key(&key()).map(KeyState::held), Some(1));
+    }
+
+    #[test]
+    fn queued_callers_are_granted_in_order_when_room_appears() {
+        let mut table = SlotTable::<u32>::default();
+        let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(1), 0, 0).0 else {
+            panic!("not granted")
+        };
+        assert_eq!(
+            table.decide(&key(), "", 60, 1000, limit(1), 0, 1).0,
+            Decision::Queued
+        );
+        assert_eq!(
+            table.decide(&key(), "", 60, 1000, limit(1), 0, 2).0,
+            Decision::Queued
+        );
+        // A newcomer that will not wait cannot overtake the queue.
+        assert_eq!(
+            table.decide(&key(), "", 60, 0, limit(1), 0, 3).0,
+            Decision::Reject { in_flight: 1 }
+        );
+        table.remove(&slot.id);
+        let (granted, expired) = table.drain_queue(&key(), limit(1), 10, |_| true);
+        assert_eq!(granted.iter().map(|g| g.2).collect::<Vec<_>>(), vec![1]);
+        assert!(expired.is_empty());
+        let (granted, expired) = table.drain_queue(&key(), limit(1), 2000, |_| true);
+        assert!(granted.is_empty());
+        assert_eq!(expired.iter().map(|w| w.reply).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn slots_expire_at_their_hold_and_renewal_moves_the_expiry() {
+        let mut table = SlotTable::<u32>::default();
+        let Decision::Grant { slot: a, .. } = table.decide(&key(), "", 1, 0, limit(5), 0, 0).0
+        else {
+            panic!()
+        };
+        let Decision::Grant { slot: b, .. } = table.decide(&key(), "", 1, 0, limit(5), 0, 0).0
+        else {
+            panic!()
+        };
+        table.renew(&b.id, 5000);
+        assert_eq!(table.expire(999), Vec::<SlotKey>::new());
+        assert_eq!(table.expire(1000), vec![key()]);
+        assert!(table.slot(&a.id).is_none());
+        assert!(table.slot(&b.id).is_some());
+        assert_eq!(table.expire(5000), vec![key()]);
+        assert_eq!(table.key(&key()).map(KeyState::held), Some(0));
+    }
+
+    #[test]
+    fn shadow_mode_grants_but_counts_would_be_rejections() {
+        let mut table = SlotTable::<u32>::default();
+        let shadow = Some(LimitValue {
+            max_in_flight: 1,
+            shadow: true,
+        });
+        table.decide(&key(), "", 60, 0, shadow, 0, 0);
+        assert!(matches!(
+            table.decide(&key(), "", 60, 0, shadow, 0, 0).0,
+            Decision::Grant {
+                shadow: true,
+                in_flight: 2,
+                ..
+            }
+        ));
+        assert_eq!(table.key(&key()).map(|s| s.shadow_rejected_total), Some(1));
+    }
+
+    #[test]
+    fn a_lowered_limit_grants_nothing_until_usage_falls_under_it() {
+        let mut table = SlotTable::<u32>::default();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            if let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(3), 0, 0).0
+            {
+                ids.push(slot.id);
+            }
+        }
+        assert!(matches!(
+            table.decide(&key(), "", 60, 0, limit(1), 0, 0).0,
+            Decision::Reject { .. }
+        ));
+        table.remove(&ids[0]);
+        assert!(matches!(
+            table.decide(&key(), "", 60, 0, limit(1), 0, 0).0,
+            Decision::Reject { .. }
+        ));
+        table.remove(&ids[1]);
+        table.remove(&ids[2]);
+        assert!(matches!(
+            table.decide(&key(), "", 60, 0, limit(1), 0, 0).0,
+            Decision::Grant { .. }
+        ));
+    }
+}
