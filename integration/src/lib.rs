@@ -193,10 +193,119 @@ impl Etcd {
     }
 }
 
+/// A 3- (or n-) member etcd cluster on loopback, for leader-change and fault tests.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    data: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members without fsync and waits until the cluster answers.
+    pub async fn start(size: usize) -> Self {
+        let data = tempfile::tempdir().unwrap_or_else(|err| panic!("tempdir: {err}"));
+        let members = (0..size)
+            .map(|i| Member { name: format!("m{i}"), client_port: free_port(), peer_port: free_port(), child: None })
+            .collect();
+        let mut cluster = Self { members, data };
+        for i in 0..size {
+            cluster.launch(i, "new");
+        }
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect()
+    }
+
+    fn launch(&mut self, index: usize, state: &str) {
+        let initial: Vec<String> =
+            self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port)).collect();
+        let dir = self.data.path().join(&self.members[index].name);
+        let member = &mut self.members[index];
+        let client_url = format!("http://127.0.0.1:{}", member.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
+        let child = Command::new(Etcd::binary())
+            .args(["--name", &member.name, "--data-dir"])
+            .arg(dir)
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", state])
+            .args(["--unsafe-no-fsync", "--log-level", "error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start etcd member: {err}"));
+        member.child = Some(child);
+    }
+
+    async fn wait_healthy(&self) {
+        let endpoints = self.endpoints();
+        poll_until("etcd cluster to elect a leader", Duration::from_secs(30), || {
+            let endpoints = endpoints.clone();
+            async move {
+                let mut client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
+                client.put("health-probe", "1", None).await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// The index of the current leader.
+    pub async fn leader(&self) -> usize {
+        let endpoints = self.endpoints();
+        poll_until("a leader", Duration::from_secs(30), || {
+            let endpoints = endpoints.clone();
+            async move {
+                for (i, endpoint) in endpoints.iter().enumerate() {
+                    let Ok(mut client) = etcd_client::Client::connect([endpoint.as_str()], None).await else { continue };
+                    let Ok(status) = client.status().await else { continue };
+                    if status.leader() == status.header().map_or(0, |h| h.member_id()) {
+                        return Some(i);
+                    }
+                }
+                None
+            }
+        })
+        .await
+    }
+
+    /// SIGKILLs member `index`.
+    pub async fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts member `index` again with its data.
+    pub async fn restart(&mut self, index: usize) {
+        self.kill(index).await;
+        self.launch(index, "existing");
+        self.wait_healthy().await;
+    }
+}
+
 /// The shared flags for a test server against `etcd` under `prefix`.
 pub fn common_args(etcd: &Etcd, prefix: &str) -> CommonArgs {
+    common_args_for(vec![etcd.endpoint.clone()], prefix)
+}
+
+/// The shared flags for a test server against these etcd endpoints under `prefix`.
+pub fn common_args_for(etcd_endpoints: Vec<String>, prefix: &str) -> CommonArgs {
     CommonArgs {
-        etcd_endpoints: vec![etcd.endpoint.clone()],
+        etcd_endpoints,
         etcd_prefix: prefix.to_owned(),
         platform_key_id: PLATFORM_KEY_ID.to_owned(),
         platform_secret: Some(PLATFORM_SECRET.to_owned()),

@@ -5,6 +5,8 @@
 //! - [`etcd`]: the etcd session, a lease keeper and a watch that survives etcd restarts;
 //! - [`auth`]: HS256 tokens, account keys mirrored from etcd, the auth layer and [`auth::Caller`];
 //! - [`server`]: health, reflection, layers, graceful shutdown and the replica lease;
+//! - [`guard`]: the API guard, a layer limiting each account's in-flight requests per RPC
+//!   through limiter-svc;
 //! - [`client`]: channels and call credentials for service-to-service calls;
 //! - [`validate`] and [`status`]: field rules and the mapping of these errors to gRPC codes.
 #![forbid(unsafe_code)]
@@ -13,6 +15,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod etcd;
+pub mod guard;
 pub mod server;
 pub mod status;
 pub mod telemetry;

@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 use crate::auth::{AuthLayer, KeyStore, Verifier};
 use crate::config::CommonArgs;
 use crate::etcd::{EtcdError, EtcdSession, Lease};
+use crate::guard::GuardLayer;
 use crate::telemetry::TraceLayer;
 
 /// Why a server could not start or stopped abnormally.
@@ -57,6 +58,7 @@ pub struct Replica {
     pub replica_id: String,
     verifier: Verifier,
     drain_timeout: Duration,
+    guard: Option<GuardLayer>,
 }
 
 impl Replica {
@@ -88,7 +90,17 @@ impl Replica {
             replica_id: format!("{:016x}", rand::random::<u64>()),
             verifier,
             drain_timeout: common.drain_timeout,
+            guard: None,
         })
+    }
+
+    /// Puts the API guard in front of every service of this replica (after authentication).
+    pub fn with_guard(mut self, guard: Option<GuardLayer>) -> Self {
+        if guard.is_some() {
+            tracing::info!("API guard enabled");
+        }
+        self.guard = guard;
+        self
     }
 
     /// Serves `routes` (whose services are named `service_names` for health) plus health and
@@ -135,6 +147,7 @@ impl Replica {
         let server = tonic::transport::Server::builder()
             .layer(TraceLayer)
             .layer(AuthLayer::new(self.verifier.clone()))
+            .layer(tower::util::option_layer(self.guard.clone()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
         tokio::pin!(server);

@@ -6,6 +6,7 @@
 //! continues an incoming trace on the server, [`inject`] adds the current one to an outgoing
 //! request, so one trace spans router → limiter → presence.
 
+use std::io::IsTerminal;
 use std::task::{Context, Poll};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use clap::Args;
 use plumbing::config::CommonArgs;
+use plumbing::guard::{GuardArgs, GuardLayer};
 use plumbing::server::{Replica, ServeError};
 use proto::router::v1::router_service_server::{RouterService, RouterServiceServer};
 use tokio::net::TcpListener;
@@ -20,10 +21,6 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:50053")]
     pub listen: SocketAddr,
 
-    /// Address of limiter-svc (communications hold a slot of resource `communications`).
-    #[arg(long, env = "SWITCHBOARD_LIMITER", default_value = "127.0.0.1:50052")]
-    pub limiter: String,
-
     /// Address of presence-svc (presence reads and offer delivery).
     #[arg(long, env = "SWITCHBOARD_PRESENCE", default_value = "127.0.0.1:50051")]
     pub presence: String,
@@ -32,6 +29,11 @@ pub struct ServeArgs {
     /// (for local development; refused by default to prevent SSRF).
     #[arg(long, env = "SWITCHBOARD_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
+
+    /// The limiter: communications hold a slot of resource `communications`, and the API
+    /// guard limits each account's in-flight requests.
+    #[command(flatten)]
+    pub guard: GuardArgs,
 
     /// Flags every Switchboard server takes.
     #[command(flatten)]
@@ -51,7 +53,8 @@ pub async fn run(
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
-    let replica = Replica::start(&args.common, address).await?;
+    let guard = GuardLayer::from_args(&args.guard, &args.common)?;
+    let replica = Replica::start(&args.common, address).await?.with_guard(guard);
     let routes = Routes::new(RouterServiceServer::new(RouterApi));
     replica
         .serve(

@@ -1,0 +1,268 @@
+//! The API guard: a tower layer that makes a service use its own limiter. Before a request
+//! reaches its handler, the guard acquires a slot of resource `rpc:<path>` for the caller's
+//! account from limiter-svc; when the response body ends (for streams: when the stream
+//! ends) the slot is released. Over the limit the caller gets RESOURCE_EXHAUSTED with
+//! `retry-after-ms` metadata and a `google.rpc.RetryInfo` detail.
+//!
+//! Slots of long streams are renewed every [`RENEW_EVERY`] while the stream lives, so a
+//! replica that crashes mid-stream leaks nothing for longer than [`HOLD_SECS`].
+//!
+//! Platform callers (other Switchboard services) are not guarded: they act for every
+//! account at once, and limiting them by `*` would throttle all tenants together.
+//! When the limiter cannot be reached the guard fails open (the request proceeds; logged
+//! and counted in [`GuardLayer::fail_open_count`]) unless configured to fail closed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use futures::future::BoxFuture;
+use http_body::{Body, Frame};
+use proto::limiter::v1 as pb;
+use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic_types::{ErrorDetails, StatusExt};
+use tower::{Layer, Service};
+
+use crate::auth::{Caller, PUBLIC_PATH_PREFIXES, Scope};
+use crate::client::CallCredentials;
+
+/// Hold of a guard slot; long streams renew it.
+pub const HOLD_SECS: u32 = 60;
+/// Renewal period of guard slots of live streams.
+pub const RENEW_EVERY: Duration = Duration::from_secs(20);
+/// How long the guard waits for the limiter before failing open or closed.
+const LIMITER_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Flags of the API guard.
+#[derive(Debug, Clone, Args)]
+pub struct GuardArgs {
+    /// Address of limiter-svc (`host:port`). The API guard limits each account's in-flight
+    /// requests per RPC through it (resource `rpc:<path>`); without it the API is unguarded.
+    #[arg(long = "limiter", env = "SWITCHBOARD_LIMITER")]
+    pub limiter: Option<String>,
+
+    /// Refuse requests (UNAVAILABLE) when the limiter cannot be reached, instead of letting
+    /// them through (the default, logged and counted).
+    #[arg(long, env = "SWITCHBOARD_GUARD_FAIL_CLOSED")]
+    pub guard_fail_closed: bool,
+}
+
+type Limiter = LimiterServiceClient<InterceptedService<Channel, CallCredentials>>;
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct GuardLayer {
+    limiter: Limiter,
+    fail_closed: bool,
+    fail_open: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for GuardLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardLayer").field("fail_closed", &self.fail_closed).finish_non_exhaustive()
+    }
+}
+
+impl GuardLayer {
+    /// A guard calling limiter-svc at `address`, signing with the platform key.
+    pub fn new(address: &str, credentials: CallCredentials, fail_closed: bool) -> Result<Self, tonic::transport::Error> {
+        let limiter = LimiterServiceClient::with_interceptor(crate::client::channel(address)?, credentials);
+        Ok(Self { limiter, fail_closed, fail_open: Arc::default() })
+    }
+
+    /// The guard configured by `args`, if a limiter address was given.
+    pub fn from_args(args: &GuardArgs, common: &crate::config::CommonArgs) -> Result<Option<Self>, tonic::transport::Error> {
+        let (Some(address), Some(secret)) = (args.limiter.as_deref(), common.platform_secret.as_deref()) else {
+            if args.limiter.is_some() {
+                tracing::warn!("the API guard needs --platform-secret to call the limiter; the API is unguarded");
+            }
+            return Ok(None);
+        };
+        let credentials = CallCredentials::platform(&common.platform_key_id, secret.as_bytes(), &[Scope::LimiterAcquire]);
+        Self::new(address, credentials, args.guard_fail_closed).map(Some)
+    }
+
+    /// Requests let through because the limiter could not be reached.
+    pub fn fail_open_count(&self) -> u64 {
+        self.fail_open.load(Ordering::Relaxed)
+    }
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = GuardService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GuardService { inner, guard: self.clone() }
+    }
+}
+
+/// See [`GuardLayer`].
+#[derive(Debug, Clone)]
+pub struct GuardService<S> {
+    inner: S,
+    guard: GuardLayer,
+}
+
+impl<S, B> Service<http::Request<B>> for GuardService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone is the one that is ready; keep it and leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let path = request.uri().path().to_owned();
+        let caller = request.extensions().get::<Caller>().cloned();
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let account = match caller {
+                Some(caller) if !caller.platform && caller.account != "*" => caller.account,
+                _ => return inner.call(request).await,
+            };
+            if PUBLIC_PATH_PREFIXES.iter().any(|p| path.starts_with(p)) {
+                return inner.call(request).await;
+            }
+            match guard.acquire(&account, &path).await {
+                Admission::Granted(slot) => {
+                    let held = HeldSlot::start(guard.limiter.clone(), slot);
+                    let response = inner.call(request).await?;
+                    Ok(response.map(|body| tonic::body::Body::new(GuardedBody { inner: body, _held: held })))
+                }
+                Admission::Open => inner.call(request).await,
+                Admission::Refused(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+enum Admission {
+    Granted(String),
+    Open,
+    Refused(tonic::Status),
+}
+
+impl GuardLayer {
+    async fn acquire(&self, account: &str, path: &str) -> Admission {
+        let request = pb::AcquireRequest {
+            account_id: account.to_owned(),
+            resource: format!("rpc:{path}"),
+            request_id: String::new(),
+            hold_seconds: HOLD_SECS,
+            wait_timeout_ms: 0,
+        };
+        let mut limiter = self.limiter.clone();
+        let answer = tokio::time::timeout(LIMITER_DEADLINE, limiter.acquire(request)).await;
+        match answer {
+            Ok(Ok(answer)) => {
+                let answer = answer.into_inner();
+                if answer.decision == pb::Decision::Granted as i32 {
+                    return Admission::Granted(answer.slot_id);
+                }
+                let retry = Duration::from_millis(u64::from(answer.retry_after_ms));
+                let mut status = tonic::Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "account `{account}` has {} of {} requests in flight for {path}; retry after {} ms",
+                        answer.in_flight, answer.limit, answer.retry_after_ms
+                    ),
+                    ErrorDetails::with_retry_info(Some(retry)),
+                );
+                if let Ok(value) = answer.retry_after_ms.to_string().parse() {
+                    status.metadata_mut().insert("retry-after-ms", value);
+                }
+                Admission::Refused(status)
+            }
+            Ok(Err(status)) => self.unreachable(&status.to_string()),
+            Err(_) => self.unreachable("no answer within the deadline"),
+        }
+    }
+
+    fn unreachable(&self, why: &str) -> Admission {
+        if self.fail_closed {
+            tracing::warn!(%why, "API guard: limiter unreachable; refusing (fail closed)");
+            return Admission::Refused(tonic::Status::unavailable("the concurrency limiter is unreachable; retry"));
+        }
+        let count = self.fail_open.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(%why, fail_open_total = count, "API guard: limiter unreachable; letting the request through (fail open)");
+        Admission::Open
+    }
+}
+
+/// A guard slot held for the life of a response body; released when the body is dropped.
+struct HeldSlot {
+    slot: String,
+    limiter: Limiter,
+    renewing: CancellationToken,
+}
+
+impl HeldSlot {
+    fn start(limiter: Limiter, slot: String) -> Self {
+        let renewing = CancellationToken::new();
+        let (token, mut client, id) = (renewing.clone(), limiter.clone(), slot.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(RENEW_EVERY) => {}
+                }
+                let renew = pb::RenewRequest { slot_id: id.clone(), hold_seconds: HOLD_SECS };
+                if let Err(status) = client.renew(renew).await {
+                    tracing::debug!(code = ?status.code(), "API guard: could not renew a stream's slot");
+                }
+            }
+        });
+        Self { slot, limiter, renewing }
+    }
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        self.renewing.cancel();
+        let (mut limiter, slot_id) = (self.limiter.clone(), std::mem::take(&mut self.slot));
+        tokio::spawn(async move {
+            if let Err(status) = limiter.release(pb::ReleaseRequest { slot_id }).await {
+                tracing::debug!(code = ?status.code(), "API guard: release failed; the slot will expire");
+            }
+        });
+    }
+}
+
+/// A response body that keeps its guard slot until it is done.
+struct GuardedBody {
+    inner: tonic::body::Body,
+    _held: HeldSlot,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
