@@ -31,6 +31,8 @@ use crate::table::{Decision, KeyState, Slot, SlotTable};
 pub const MAX_TXN_OPS: usize = 120;
 /// How often expiries and queue deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
+/// Keys idle this long are forgotten (with their usage counters).
+const IDLE_KEY_MS: u64 = 10 * 60 * 1000;
 /// Pause before retrying a failed shard reload.
 const RELOAD_BACKOFF: Duration = Duration::from_millis(250);
 /// Grace before a replica that is not a shard's preferred owner claims it.
@@ -283,6 +285,7 @@ pub fn start(config: EngineConfig) -> EngineHandle {
         leases: HashMap::new(),
         owned: owned_tx,
         events: events_tx,
+        next_cleanup_ms: 0,
         config,
     };
     tokio::spawn(engine.run(rx, events));
@@ -300,6 +303,7 @@ struct Engine {
     leases: HashMap<u64, i64>,
     owned: watch::Sender<Vec<u16>>,
     events: mpsc::UnboundedSender<Event>,
+    next_cleanup_ms: u64,
 }
 
 impl Engine {
@@ -512,7 +516,10 @@ impl Engine {
             self.drain_queue(&key);
         }
         self.leases.retain(|bucket, _| *bucket * 1000 > now);
-        self.table.forget_idle();
+        if now >= self.next_cleanup_ms {
+            self.table.forget_idle(now, IDLE_KEY_MS);
+            self.next_cleanup_ms = now + 1000;
+        }
     }
 
     fn drain_all_queues(&mut self) {

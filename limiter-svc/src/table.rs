@@ -54,6 +54,8 @@ pub struct KeyState<R> {
     pub rejected_total: u64,
     /// Would-be rejections granted in shadow mode.
     pub shadow_rejected_total: u64,
+    /// Last time anything happened to the key (ms since the epoch); idle keys are forgotten.
+    last_active_ms: u64,
 }
 
 impl<R> Default for KeyState<R> {
@@ -65,6 +67,7 @@ impl<R> Default for KeyState<R> {
             granted_total: 0,
             rejected_total: 0,
             shadow_rejected_total: 0,
+            last_active_ms: 0,
         }
     }
 }
@@ -145,6 +148,7 @@ impl<R> SlotTable<R> {
         reply: R,
     ) -> (Decision, Option<R>) {
         let state = self.keys.entry(key.clone()).or_default();
+        state.last_active_ms = now_ms;
         if !request_id.is_empty()
             && let Some(slot) = state
                 .by_request
@@ -354,10 +358,12 @@ impl<R> SlotTable<R> {
         waiters
     }
 
-    /// Forgets keys with nothing held, queued or counted worth keeping (bounded memory).
-    pub fn forget_idle(&mut self) {
-        self.keys
-            .retain(|_, s| !s.slots.is_empty() || !s.queue.is_empty());
+    /// Forgets keys that hold nothing, queue nothing and saw no request for `idle_ms`
+    /// (their usage counters go with them), so memory stays bounded by the active keys.
+    pub fn forget_idle(&mut self, now_ms: u64, idle_ms: u64) {
+        self.keys.retain(|_, s| {
+            !s.slots.is_empty() || !s.queue.is_empty() || now_ms.saturating_sub(s.last_active_ms) < idle_ms
+        });
         if self.expiries.len() > 4 * self.index.len() + 1024 {
             let live: Vec<_> = self
                 .keys
@@ -512,5 +518,16 @@ mod tests {
             table.decide(&key(), "", 60, 0, limit(1), 0, 0).0,
             Decision::Grant { .. }
         ));
+    }
+
+    #[test]
+    fn idle_keys_keep_their_counters_until_the_idle_period_passes() {
+        let mut table = SlotTable::<u32>::default();
+        let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(1), 1_000, 0).0 else { panic!() };
+        table.remove(&slot.id);
+        table.forget_idle(2_000, 10_000);
+        assert_eq!(table.key(&key()).map(|s| s.granted_total), Some(1));
+        table.forget_idle(11_000, 10_000);
+        assert!(table.key(&key()).is_none());
     }
 }
