@@ -213,7 +213,12 @@ impl EtcdCluster {
     pub async fn start(size: usize) -> Self {
         let data = tempfile::tempdir().unwrap_or_else(|err| panic!("tempdir: {err}"));
         let members = (0..size)
-            .map(|i| Member { name: format!("m{i}"), client_port: free_port(), peer_port: free_port(), child: None })
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
             .collect();
         let mut cluster = Self { members, data };
         for i in 0..size {
@@ -225,12 +230,18 @@ impl EtcdCluster {
 
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect()
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
     }
 
     fn launch(&mut self, index: usize, state: &str) {
-        let initial: Vec<String> =
-            self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port)).collect();
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
         let dir = self.data.path().join(&self.members[index].name);
         let member = &mut self.members[index];
         let client_url = format!("http://127.0.0.1:{}", member.client_port);
@@ -238,9 +249,24 @@ impl EtcdCluster {
         let child = Command::new(Etcd::binary())
             .args(["--name", &member.name, "--data-dir"])
             .arg(dir)
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", state])
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args([
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                state,
+            ])
             .args(["--unsafe-no-fsync", "--log-level", "error"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -253,13 +279,17 @@ impl EtcdCluster {
 
     async fn wait_healthy(&self) {
         let endpoints = self.endpoints();
-        poll_until("etcd cluster to elect a leader", Duration::from_secs(30), || {
-            let endpoints = endpoints.clone();
-            async move {
-                let mut client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
-                client.put("health-probe", "1", None).await.ok().map(|_| ())
-            }
-        })
+        poll_until(
+            "etcd cluster to elect a leader",
+            Duration::from_secs(30),
+            || {
+                let endpoints = endpoints.clone();
+                async move {
+                    let mut client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
+                    client.put("health-probe", "1", None).await.ok().map(|_| ())
+                }
+            },
+        )
         .await;
     }
 
@@ -270,8 +300,14 @@ impl EtcdCluster {
             let endpoints = endpoints.clone();
             async move {
                 for (i, endpoint) in endpoints.iter().enumerate() {
-                    let Ok(mut client) = etcd_client::Client::connect([endpoint.as_str()], None).await else { continue };
-                    let Ok(status) = client.status().await else { continue };
+                    let Ok(mut client) =
+                        etcd_client::Client::connect([endpoint.as_str()], None).await
+                    else {
+                        continue;
+                    };
+                    let Ok(status) = client.status().await else {
+                        continue;
+                    };
                     if status.leader() == status.header().map_or(0, |h| h.member_id()) {
                         return Some(i);
                     }
@@ -311,6 +347,7 @@ pub fn common_args_for(etcd_endpoints: Vec<String>, prefix: &str) -> CommonArgs 
         platform_secret: Some(PLATFORM_SECRET.to_owned()),
         log_format: LogFormat::Human,
         drain_timeout: Duration::from_secs(5),
+        metrics_listen: None,
         replica_ttl: 5,
     }
 }

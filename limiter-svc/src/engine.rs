@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::LimitTable;
 use crate::model::{AcquireSpec, SHARDS, SlotId, SlotKey, now_ms};
+use crate::stats::{EngineStats, ResourceLabels};
 use crate::table::{Decision, KeyState, Slot, SlotTable};
 
 /// etcd's default `--max-txn-ops` is 128; leave room for the fencing compares' sake.
@@ -208,6 +209,8 @@ pub struct EngineConfig {
     pub limits: LimitTable,
     /// Routing view, kept by the routing mirror.
     pub view: watch::Receiver<View>,
+    /// Where the engine's metrics go.
+    pub stats: EngineStats,
 }
 
 /// A slot record as stored in etcd.
@@ -405,6 +408,7 @@ impl Engine {
                 in_flight,
                 shadow,
             } => {
+                self.config.stats.granted(&spec.key.resource);
                 self.acks
                     .entry(slot.id.clone())
                     .or_default()
@@ -430,6 +434,7 @@ impl Engine {
                 });
             }
             Decision::Reject { in_flight } => {
+                self.config.stats.rejected(&spec.key.resource);
                 let retry = self.retry_after(&spec.key, now);
                 let _ = reply.send(Ok(rejected(in_flight, max, retry)));
             }
@@ -518,6 +523,7 @@ impl Engine {
         self.leases.retain(|bucket, _| *bucket * 1000 > now);
         if now >= self.next_cleanup_ms {
             self.table.forget_idle(now, IDLE_KEY_MS);
+            self.publish_gauges();
             self.next_cleanup_ms = now + 1000;
         }
     }
@@ -536,6 +542,7 @@ impl Engine {
             .drain_queue(key, limit, now, |reply| !reply.is_closed());
         let max = limit.map_or(0, |l| l.max_in_flight);
         for (slot, in_flight, reply) in granted {
+            self.config.stats.granted(&key.resource);
             self.acks
                 .entry(slot.id.clone())
                 .or_default()
@@ -548,6 +555,7 @@ impl Engine {
             self.pending.push(Write::Put(slot));
         }
         for waiter in expired {
+            self.config.stats.rejected(&key.resource);
             let in_flight = self.table.key(key).map_or(0, KeyState::held);
             let retry = self.retry_after(key, now);
             let _ = waiter.reply.send(Ok(rejected(in_flight, max, retry)));
@@ -584,6 +592,8 @@ impl Engine {
             return;
         }
         self.committing = true;
+        self.config.stats.batch_size.observe(batch.len() as f64);
+        let latency = self.config.stats.txn_seconds.clone();
         let commit = commit(
             self.config.session.clone(),
             fences,
@@ -592,7 +602,9 @@ impl Engine {
         );
         let events = self.events.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let (writes, leases, result) = commit.await;
+            latency.observe(started.elapsed().as_secs_f64());
             let _ = events.send(Event::Committed {
                 writes,
                 leases,
@@ -801,6 +813,18 @@ impl Engine {
             self.fail_acks(&id, err.clone());
         }
         self.pending.retain(|w| w.shard() != shard);
+    }
+
+    fn publish_gauges(&self) {
+        let stats = &self.config.stats;
+        stats.in_flight.clear();
+        stats.queued.clear();
+        for (key, state) in self.table.keys() {
+            let labels = ResourceLabels { resource: key.resource.clone() };
+            stats.in_flight.get_or_create(&labels).inc_by(i64::from(state.held()));
+            stats.queued.get_or_create(&labels).inc_by(i64::from(state.queued()));
+        }
+        stats.shards_owned.set(self.owned.borrow().len() as i64);
     }
 
     fn publish_owned(&self) {

@@ -68,6 +68,7 @@ pub mod model;
 pub mod relay;
 pub mod routing;
 pub mod slots;
+pub mod stats;
 pub mod table;
 
 use std::future::Future;
@@ -128,6 +129,7 @@ pub async fn run(
         lease_lost: replica.lease.lost(),
         limits: limits.clone(),
         view: membership.view.clone(),
+        stats: stats::EngineStats::register(&replica.metrics),
     });
     let credentials = args
         .common

@@ -315,6 +315,11 @@ impl<R> SlotTable<R> {
         (granted, expired)
     }
 
+    /// Every key known here.
+    pub fn keys(&self) -> impl Iterator<Item = (&SlotKey, &KeyState<R>)> {
+        self.keys.iter()
+    }
+
     /// Keys with callers waiting.
     pub fn keys_with_queues(&self) -> Vec<SlotKey> {
         self.keys

@@ -42,6 +42,10 @@ pub struct CommonArgs {
     #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
 
+    /// Address to serve Prometheus metrics on, at `/metrics` (off when not given).
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// TTL in seconds of this replica's own etcd lease (the one that owns its sessions and
     /// records); a crashed replica's state disappears within this time.
     #[arg(long, env = "SWITCHBOARD_REPLICA_TTL", default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=300))]

@@ -7,6 +7,7 @@
 //! - [`server`]: health, reflection, layers, graceful shutdown and the replica lease;
 //! - [`guard`]: the API guard, a layer limiting each account's in-flight requests per RPC
 //!   through limiter-svc;
+//! - [`metrics`]: Prometheus metrics and the `--metrics-listen` endpoint;
 //! - [`client`]: channels and call credentials for service-to-service calls;
 //! - [`validate`] and [`status`]: field rules and the mapping of these errors to gRPC codes.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod etcd;
 pub mod guard;
+pub mod metrics;
 pub mod server;
 pub mod status;
 pub mod telemetry;

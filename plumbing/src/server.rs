@@ -21,6 +21,7 @@ use crate::auth::{AuthLayer, KeyStore, Verifier};
 use crate::config::CommonArgs;
 use crate::etcd::{EtcdError, EtcdSession, Lease};
 use crate::guard::GuardLayer;
+use crate::metrics::Metrics;
 use crate::telemetry::TraceLayer;
 
 /// Why a server could not start or stopped abnormally.
@@ -56,6 +57,9 @@ pub struct Replica {
     pub address: SocketAddr,
     /// A unique id for this replica's lifetime (used in etcd keys it owns).
     pub replica_id: String,
+    /// The process's metrics; services register their own here.
+    pub metrics: Metrics,
+    metrics_listen: Option<SocketAddr>,
     verifier: Verifier,
     drain_timeout: Duration,
     guard: Option<GuardLayer>,
@@ -88,6 +92,8 @@ impl Replica {
             shutdown: CancellationToken::new(),
             address,
             replica_id: format!("{:016x}", rand::random::<u64>()),
+            metrics: Metrics::new(),
+            metrics_listen: common.metrics_listen,
             verifier,
             drain_timeout: common.drain_timeout,
             guard: None,
@@ -125,6 +131,9 @@ impl Replica {
             .add_service(reflection)
             .add_service(reflection_alpha);
 
+        if let Some(address) = self.metrics_listen {
+            crate::metrics::start(address, self.metrics.clone(), self.shutdown.clone()).await?;
+        }
         let shutdown = self.shutdown.clone();
         let lost = self.lease.lost();
         let signal = {
@@ -146,6 +155,7 @@ impl Replica {
         tracing::info!(address = %self.address, replica = %self.replica_id, lease = self.lease.id(), "serving");
         let server = tonic::transport::Server::builder()
             .layer(TraceLayer)
+            .layer(self.metrics.layer())
             .layer(AuthLayer::new(self.verifier.clone()))
             .layer(tower::util::option_layer(self.guard.clone()))
             .add_routes(routes)

@@ -59,7 +59,7 @@ pub fn init(service: &'static str, format: LogFormat) -> TelemetryGuard {
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = match format {
         LogFormat::Human => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr))
             .try_init(),
         LogFormat::Json => registry
             .with(

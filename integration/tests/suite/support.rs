@@ -29,12 +29,17 @@ pub async fn limiter(etcd: &Etcd, prefix: &str, default_limit: u32) -> InProcess
 }
 
 /// limiter-svc in-process against these etcd endpoints.
-pub async fn limiter_on(endpoints: Vec<String>, prefix: &str, default_limit: u32) -> InProcess<ServeError> {
-    let args = limiter_svc::ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        default_limit,
-        common: integration::common_args_for(endpoints, prefix),
-    };
+pub async fn limiter_on(
+    endpoints: Vec<String>,
+    prefix: &str,
+    default_limit: u32,
+) -> InProcess<ServeError> {
+    let common = integration::common_args_for(endpoints, prefix);
+    limiter_with(limiter_svc::ServeArgs { listen: "127.0.0.1:0".parse().unwrap(), default_limit, common }).await
+}
+
+/// limiter-svc in-process with these flags.
+pub async fn limiter_with(args: limiter_svc::ServeArgs) -> InProcess<ServeError> {
     serve_in_process(move |listener, stop| {
         limiter_svc::run(args, listener, async move {
             let _ = stop.await;
@@ -44,12 +49,20 @@ pub async fn limiter_on(endpoints: Vec<String>, prefix: &str, default_limit: u32
 }
 
 /// router-svc in-process, with the API guard pointing at `limiter` when given.
-pub async fn router(etcd: &Etcd, prefix: &str, limiter: Option<String>, fail_closed: bool) -> InProcess<ServeError> {
+pub async fn router(
+    etcd: &Etcd,
+    prefix: &str,
+    limiter: Option<String>,
+    fail_closed: bool,
+) -> InProcess<ServeError> {
     let args = router_svc::ServeArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         presence: "127.0.0.1:1".into(),
         allow_private_webhooks: true,
-        guard: plumbing::guard::GuardArgs { limiter, guard_fail_closed: fail_closed },
+        guard: plumbing::guard::GuardArgs {
+            limiter,
+            guard_fail_closed: fail_closed,
+        },
         common: common_args(etcd, prefix),
     };
     serve_in_process(move |listener, stop| {

@@ -1,0 +1,68 @@
+//! The limiter's own Prometheus metrics (registered in the replica's registry).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use plumbing::metrics::Metrics;
+
+/// Per-resource label (accounts are left out to keep cardinality bounded).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    /// The limited resource.
+    pub resource: String,
+}
+
+/// Counters, gauges and histograms of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineStats {
+    /// Slots granted.
+    pub grants: Family<ResourceLabels, Counter>,
+    /// Acquires rejected (including queue timeouts).
+    pub rejects: Family<ResourceLabels, Counter>,
+    /// Slots held, in the shards owned here.
+    pub in_flight: Family<ResourceLabels, Gauge>,
+    /// Callers queued, in the shards owned here.
+    pub queued: Family<ResourceLabels, Gauge>,
+    /// Operations per slot txn.
+    pub batch_size: Histogram,
+    /// Slot txn latency.
+    pub txn_seconds: Histogram,
+    /// Shards owned by this replica.
+    pub shards_owned: Gauge,
+}
+
+impl EngineStats {
+    /// Creates the metrics and registers them in `metrics`.
+    pub fn register(metrics: &Metrics) -> Self {
+        let stats = Self {
+            grants: Family::default(),
+            rejects: Family::default(),
+            in_flight: Family::default(),
+            queued: Family::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            txn_seconds: plumbing::metrics::latency_histogram(),
+            shards_owned: Gauge::default(),
+        };
+        metrics.register("limiter_grants", "Slots granted, by resource", stats.grants.clone());
+        metrics.register("limiter_rejects", "Acquires rejected (over the limit or queue timeout), by resource", stats.rejects.clone());
+        metrics.register("limiter_in_flight", "Slots held in the shards this replica owns, by resource", stats.in_flight.clone());
+        metrics.register("limiter_queued", "Callers waiting in the shards this replica owns, by resource", stats.queued.clone());
+        metrics.register("limiter_txn_batch_size", "Slot operations per group-committed etcd txn", stats.batch_size.clone());
+        metrics.register("limiter_txn_duration_seconds", "Latency of slot txns (including bucket lease grants)", stats.txn_seconds.clone());
+        metrics.register("limiter_shards_owned", "Shards this replica owns", stats.shards_owned.clone());
+        stats
+    }
+
+    /// Counts a grant.
+    pub fn granted(&self, resource: &str) {
+        self.grants.get_or_create(&ResourceLabels { resource: resource.to_owned() }).inc();
+    }
+
+    /// Counts a rejection.
+    pub fn rejected(&self, resource: &str) {
+        self.rejects.get_or_create(&ResourceLabels { resource: resource.to_owned() }).inc();
+    }
+}
