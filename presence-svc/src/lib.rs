@@ -1,25 +1,140 @@
 //! presence-svc: who is reachable.
 //!
-//! A client application proves itself with a token and registers its presence (by TTL or as
-//! a live `Connect` stream); the router and others read and watch it. This crate also serves
-//! `KeyService`, the account signing keys every service verifies tokens with.
+//! A client application proves itself with a token and registers its presence — by TTL
+//! (`Register` + `Heartbeat`) or as a live `Connect` stream; the router and others read and
+//! watch it, and the router offers incoming communications to live sessions through the
+//! internal `SessionRelayService`. This crate also serves `KeyService`, the account signing
+//! keys every service verifies tokens with.
+//!
+//! # State in etcd
+//!
+//! ```text
+//! <prefix>/presence/<account>/<identity>/<device_id>          device record (JSON)
+//! <prefix>/presence/<account>/~left/<identity>/<device_id>    leave note (JSON), 40–60 s
+//! ```
+//! A device record holds status, attributes, contact, kind (registration or stream), the
+//! holding replica's address and session id (streams), the lease it is attached to, the TTL
+//! and the register/expire times; its etcd mod revision is the device's revision. Account
+//! ids, identities and device ids cannot contain `/` or `~`, so keys parse back
+//! unambiguously and one prefix per account isolates tenants (a watch is always on
+//! `<prefix>/presence/<account>/`).
+//!
+//! # Leases: what makes a device disappear
+//!
+//! - **Registration**: one lease per registered device, TTL = `ttl_seconds` (default 60,
+//!   5 to 3600). Sharing a lease between devices would let one device's heartbeat keep
+//!   another alive, so this is the one per-request lease; it costs one grant per Register.
+//!   `Heartbeat` is a keep-alive of that lease — leader memory, not a raft write — and
+//!   since the lease id is in the record, any replica serves it. A device that stops
+//!   heartbeating disappears when etcd expires the lease, with nobody calling anything.
+//! - **Stream**: the record is attached to the replica lease (`--replica-ttl`, default
+//!   10 s) and deleted (one txn) the moment the stream ends. If the replica dies, its
+//!   sessions vanish when its lease expires: within `--replica-ttl` seconds. On SIGTERM the
+//!   streams end with UNAVAILABLE (clients reconnect elsewhere) and the lease revoke
+//!   removes all their records in one write. A replica that loses its lease (etcd
+//!   unreachable for a whole TTL) has lost all its sessions' records, so it stops serving
+//!   and exits non-zero to be restarted.
+//! - **Leave notes** ride in the same txn as a deletion, under a shared lease rotated every
+//!   20 s (TTL 60 s), so watchers learn `unregistered` / `disconnected` / `evicted`; a
+//!   deletion without a note is an expiry.
+//!
+//! The write cost of each operation is tabled in [`devices`]. All record writes of a
+//! replica go through one group-commit writer ([`commit::GroupCommit`]) that packs
+//! concurrent writes into one etcd txn of nested txns: a storm of 300 hellos costs about a
+//! dozen raft entries, and 50,000 clients reconnecting take seconds, not minutes.
+//!
+//! # Devices per identity
+//!
+//! At most `--max-devices-per-identity` devices (default 10). Beyond it
+//! `--device-overflow reject-newest` (default) refuses the new device with
+//! RESOURCE_EXHAUSTED; `evict-oldest` deletes the oldest device(s) in the same txn (their
+//! streams end with ABORTED). The check is exact across replicas: the write is guarded by
+//! an etcd compare on the identity's whole key range.
+//!
+//! # Reads and watches
+//!
+//! GetPresence, BatchGetPresence and ListPresence are answered from [`cache::PresenceCache`],
+//! one watch-fed copy of all presence records; `min_revision` waits (up to 5 s) for the
+//! cache to reach a revision a write returned. The aggregate status of an identity is its
+//! best device's: AVAILABLE > BUSY > AWAY > DO_NOT_DISTURB, OFFLINE with no device.
+//! WatchPresence is an etcd watch on the account prefix from `start_revision`, "now" (the
+//! revision when the call is answered) or a snapshot's revision; a compacted start ends the
+//! stream with a `compacted` event and OUT_OF_RANGE.
+//!
+//! # Offer delivery (`switchboard.presence.v1.SessionRelayService`, for the router)
+//!
+//! Internal; platform tokens with `router.route` (or `admin`) only. `Offer` is a bidi
+//! stream carrying one leg — one offer to one device:
+//!
+//! 1. caller → `start{account_id, identity, device_id, offer_id, communication_id, from,
+//!    to, channel, parameters, expire_time}`. Call any presence replica; one that does not
+//!    hold the session forwards once to the holder (`Device.replica`). Immediate errors:
+//!    NOT_FOUND (device not present / session just ended — ring nobody, fail fast),
+//!    FAILED_PRECONDITION (present by TTL registration only: no session to ring),
+//!    ALREADY_EXISTS (offer_id already open on that session), UNAVAILABLE (holder
+//!    unreachable or stopping), INVALID_ARGUMENT, PERMISSION_DENIED.
+//! 2. server → `delivered{device}` once the device's stream has the offer.
+//! 3. server → `answered{accept, reject_reason}`; a reject ends the stream.
+//! 4. caller → `cancel{reason}` (device gets `cancel`) or, after an accept,
+//!    `end{reason}` (device gets `ended`); the server passes it on and ends the stream.
+//! 5. server → `hangup` when the device hangs up an accepted communication (the device is
+//!    sent `ended{DEVICE_HANGUP}`), then ends the stream.
+//! 6. server → `gone{reason}` if the device's session ends first, then ends the stream.
+//!
+//! A caller that disconnects or half-closes without `cancel`/`end` cancels the offer with
+//! CANCEL_REASON_FAILED (or ends an accepted one with END_REASON_FAILED). The presence side
+//! keeps no offer timer: the caller cancels with CANCEL_REASON_TIMEOUT.
+//!
+//! # Bounds
+//!
+//! Identities 1–256 and device ids 1–128 characters of `A-Z a-z 0-9 . _ - : @ +`;
+//! attributes ≤ 32 entries, keys ≤ 64, values ≤ 256 characters, ≤ 4 KiB in all; contact
+//! ≤ 1024 characters; batch and watch lists ≤ 1000 identities; ListPresence pages ≤ 1000
+//! identities and about 2 MiB; offer parameters ≤ 64 entries, names 1–64 and values ≤ 1024
+//! characters; requests ≤ 512 KiB (larger ones are refused before they are buffered).
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cache;
+pub mod commit;
+pub mod devices;
 pub mod error;
+pub mod identity;
 pub mod keys;
+pub mod notes;
+pub mod record;
+pub mod relay;
+pub mod rules;
+pub mod session;
+pub mod table;
 pub mod token;
+pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use clap::Args;
+use plumbing::auth::Scope;
+use plumbing::client::CallCredentials;
 use plumbing::config::CommonArgs;
+use plumbing::etcd::EtcdError;
+use plumbing::guard::{GuardArgs, GuardLayer};
 use plumbing::server::{Replica, ServeError};
 use proto::presence::v1::key_service_server::KeyServiceServer;
-use proto::presence::v1::presence_service_server::{PresenceService, PresenceServiceServer};
+use proto::presence::v1::presence_service_server::PresenceServiceServer;
+use proto::presence::v1::session_relay_service_server::SessionRelayServiceServer;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::Routes;
+
+use crate::api::{MAX_REQUEST_BYTES, PresenceApi, RelayApi};
+use crate::devices::{DeviceLimit, DeviceStore, OverflowPolicy};
+use crate::record::Layout;
+use crate::table::SessionTable;
+
+/// Largest request the relay decodes (64 parameters of 64 + 1024 characters fit).
+const MAX_RELAY_REQUEST_BYTES: usize = 512 * 1024;
 
 /// Flags of the presence server.
 #[derive(Debug, Clone, Args)]
@@ -33,26 +148,141 @@ pub struct ServeArgs {
     pub common: CommonArgs,
 }
 
-/// The presence handlers (registration, sessions and reads arrive with the presence issue).
-#[derive(Debug, Clone, Default)]
-pub struct PresenceApi;
+/// Presence's own flags.
+#[derive(Debug, Clone, Args)]
+pub struct PresenceArgs {
+    /// Most devices (registrations and live sessions) one identity may have present.
+    #[arg(long, env = "SWITCHBOARD_MAX_DEVICES_PER_IDENTITY", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_devices_per_identity: u16,
 
-impl PresenceService for PresenceApi {}
+    /// What a new device beyond the limit does: `reject-newest` (RESOURCE_EXHAUSTED) or
+    /// `evict-oldest` (the identity's oldest device leaves).
+    #[arg(long, env = "SWITCHBOARD_DEVICE_OVERFLOW", value_enum, default_value_t = OverflowPolicy::RejectNewest)]
+    pub device_overflow: OverflowPolicy,
 
-/// Serves presence-svc on `listener` until `stop` resolves.
+    /// `host:port` other replicas and the router use to reach this replica's sessions
+    /// (written into stream records). Default: the listen address.
+    #[arg(long, env = "SWITCHBOARD_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// The API guard: each account's in-flight requests per RPC, limited through limiter-svc.
+    #[command(flatten)]
+    pub guard: GuardArgs,
+}
+
+impl Default for PresenceArgs {
+    fn default() -> Self {
+        Self {
+            max_devices_per_identity: 10,
+            device_overflow: OverflowPolicy::RejectNewest,
+            advertise_address: None,
+            guard: GuardArgs {
+                limiter: None,
+                guard_fail_closed: false,
+            },
+        }
+    }
+}
+
+/// Serves presence-svc with default presence flags on `listener` until `stop` resolves.
 pub async fn run(
     args: ServeArgs,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let address = listener.local_addr()?;
-    let replica = Replica::start(&args.common, address).await?;
-    let routes = Routes::new(PresenceServiceServer::new(PresenceApi)).add_service(
-        KeyServiceServer::new(keys::KeyApi::new(replica.keys.clone())),
-    );
+    run_with(args, PresenceArgs::default(), listener, stop).await
+}
+
+/// Serves presence-svc on `listener` until `stop` resolves (or the replica lease is lost).
+pub async fn run_with(
+    args: ServeArgs,
+    presence: PresenceArgs,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let listen = listener.local_addr()?;
+    let guard = GuardLayer::from_args(&presence.guard, &args.common)?;
+    let replica = Replica::start(&args.common, listen)
+        .await?
+        .with_guard(guard);
+    let address = presence
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| listen.to_string());
+    let (api, relay) = assemble(&replica, &args.common, &presence, address);
+    let lost = replica.lease.lost();
+    let shutdown = replica.shutdown.clone();
+    let stop_on_loss = {
+        let lost = lost.clone();
+        async move {
+            lost.cancelled().await;
+            tracing::error!(
+                "the replica lease was lost (etcd unreachable for a whole TTL): its sessions are gone from etcd; stopping"
+            );
+            shutdown.cancel();
+        }
+    };
+    let watcher = tokio::spawn(stop_on_loss);
+    let routes =
+        Routes::new(PresenceServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(
+                SessionRelayServiceServer::new(relay)
+                    .max_decoding_message_size(MAX_RELAY_REQUEST_BYTES),
+            )
+            .add_service(KeyServiceServer::new(keys::KeyApi::new(
+                replica.keys.clone(),
+            )));
     let names = [
         <PresenceServiceServer<PresenceApi> as NamedService>::NAME,
+        <SessionRelayServiceServer<RelayApi> as NamedService>::NAME,
         <KeyServiceServer<keys::KeyApi> as NamedService>::NAME,
     ];
-    replica.serve(listener, routes, &names, stop).await
+    let served = replica.serve(listener, routes, &names, stop).await;
+    watcher.abort();
+    if lost.is_cancelled() {
+        return Err(EtcdError::Unavailable("the replica lease was lost".into()).into());
+    }
+    served
+}
+
+/// Builds the domain parts over `replica` and the two service handlers.
+fn assemble(
+    replica: &Replica,
+    common: &CommonArgs,
+    presence: &PresenceArgs,
+    address: String,
+) -> (PresenceApi, RelayApi) {
+    let session = &replica.session;
+    let layout = Layout::new(session.key("presence/"));
+    let table = Arc::new(SessionTable::default());
+    let cache = cache::PresenceCache::start(session, layout.clone(), table.clone());
+    let limit = DeviceLimit {
+        max: usize::from(presence.max_devices_per_identity),
+        overflow: presence.device_overflow,
+    };
+    let store = DeviceStore::new(session.clone(), layout.clone(), cache.clone(), limit);
+    let sessions = session::Sessions::new(
+        table.clone(),
+        store.clone(),
+        replica.lease.id(),
+        address.clone(),
+        replica.shutdown.clone(),
+    );
+    let watch = watch::PresenceWatch::new(session.clone(), layout, replica.shutdown.clone());
+    let credentials = common
+        .platform_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|secret| {
+            CallCredentials::platform(
+                &common.platform_key_id,
+                secret.as_bytes(),
+                &[Scope::RouterRoute],
+            )
+        });
+    let relay = relay::Relay::new(table, cache, address, credentials);
+    (
+        PresenceApi::new(store, sessions, watch),
+        RelayApi::new(relay),
+    )
 }

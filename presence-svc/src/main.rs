@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use presence_svc::ServeArgs;
 use presence_svc::token::TokenArgs;
+use presence_svc::{PresenceArgs, ServeArgs};
 
 /// Presence of client applications, and the account signing keys.
 #[derive(Debug, Parser)]
@@ -15,6 +15,8 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    presence: PresenceArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,9 +39,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    let args = cli.serve;
+    let (args, presence) = (cli.serve, cli.presence);
     plumbing::server::run_binary("presence-svc", &args.common.clone(), || async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        presence_svc::run(args, listener, plumbing::server::shutdown_signal()).await
+        let stop = plumbing::server::shutdown_signal();
+        presence_svc::run_with(args, presence, listener, stop).await
     })
 }

@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::all, missing_docs)] // generated code
 
+pub mod codec;
+
 /// `switchboard.presence.v1`: presence of client applications and account keys.
 pub mod presence {
     pub mod v1 {

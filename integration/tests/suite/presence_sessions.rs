@@ -1,0 +1,188 @@
+//! Live sessions (Connect): present exactly while the stream is open, status over the
+//! stream, replacement by a newer Connect, and what a replica's death or shutdown does.
+
+use std::time::{Duration, Instant};
+
+use integration::{Etcd, ServiceProcess, unique_prefix};
+use proto::presence::v1 as pb;
+use proto::presence::v1::connect_request::Kind as Send;
+use proto::presence::v1::connect_response::Kind as Recv;
+use tonic::Code;
+
+use crate::presence_support::{Session, Tenant, client, presence_of, wait_for_devices};
+use crate::support;
+
+#[tokio::test]
+async fn a_session_is_present_while_its_stream_is_open_and_leaves_the_moment_it_ends() {
+    let etcd = Etcd::start().await;
+    let server = support::presence(&etcd, &unique_prefix()).await;
+    let tenant = Tenant::create(&server, "AC1").await;
+    let alice = tenant.device("alice");
+    let presence = client(&server);
+    let hello = pb::ConnectHello {
+        status: pb::Status::Away as i32,
+        attributes: [("client".to_owned(), "softphone".to_owned())].into(),
+        ..Default::default()
+    };
+    let session = Session::open(support::channel(&server), &alice, hello)
+        .await
+        .unwrap();
+    let device = session.device.clone();
+    assert_eq!(device.device_id.len(), 36, "a generated UUID");
+    assert_eq!(device.connection_kind, pb::ConnectionKind::Stream as i32);
+    assert_eq!(device.replica, server.addr.to_string());
+    assert_eq!(device.status, pb::Status::Away as i32);
+    assert!(device.expire_time.is_none());
+    let now = presence_of(&presence, &alice, "alice", device.revision).await;
+    assert_eq!(now.devices, vec![device]);
+
+    let closed = Instant::now();
+    drop(session);
+    wait_for_devices(&presence, &alice, "alice", 0, Duration::from_secs(2)).await;
+    assert!(closed.elapsed() < Duration::from_secs(2));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn status_updates_over_the_stream_are_confirmed_and_visible_to_readers() {
+    let etcd = Etcd::start().await;
+    let server = support::presence(&etcd, &unique_prefix()).await;
+    let tenant = Tenant::create(&server, "AC1").await;
+    let alice = tenant.device("alice");
+    let mut session = Session::hello(support::channel(&server), &alice, "laptop").await;
+    session
+        .send(Send::Status(pb::ConnectStatus {
+            status: pb::Status::DoNotDisturb as i32,
+            attributes: [("reason".to_owned(), "meeting".to_owned())].into(),
+        }))
+        .await;
+    let Recv::Registered(registered) = session.next().await else {
+        panic!("expected `registered` after a status change");
+    };
+    let device = registered.device.unwrap();
+    assert_eq!(device.status, pb::Status::DoNotDisturb as i32);
+    assert_eq!(device.attributes["reason"], "meeting");
+    let now = presence_of(&client(&server), &alice, "alice", device.revision).await;
+    assert_eq!(now.status, pb::Status::DoNotDisturb as i32);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_connect_of_a_device_replaces_the_first_on_any_replica() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let a = support::presence(&etcd, &prefix).await;
+    let b = support::presence(&etcd, &prefix).await;
+    let tenant = Tenant::create(&a, "AC1").await;
+    tenant.known_to(&b).await;
+    let alice = tenant.device("alice");
+
+    let mut first = Session::hello(support::channel(&a), &alice, "phone").await;
+    let mut second = Session::hello(support::channel(&a), &alice, "phone").await;
+    let status = first
+        .end()
+        .await
+        .expect("replaced stream ends with a status");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(status.message().contains("replaced"), "{status:?}");
+
+    let third = Session::hello(support::channel(&b), &alice, "phone").await;
+    let status = second
+        .end()
+        .await
+        .expect("replaced stream ends with a status");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let now = presence_of(&client(&a), &alice, "alice", third.device.revision).await;
+    assert_eq!(now.devices.len(), 1);
+    assert_eq!(now.devices[0].replica, b.addr.to_string());
+    // The replaced sessions did not take the device's record with them.
+    tokio::task::yield_now().await;
+    let still = presence_of(&client(&b), &alice, "alice", 0).await;
+    assert_eq!(still.devices.len(), 1);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connect_takes_over_a_registration_of_the_same_device() {
+    let etcd = Etcd::start().await;
+    let server = support::presence(&etcd, &unique_prefix()).await;
+    let tenant = Tenant::create(&server, "AC1").await;
+    let alice = tenant.device("alice");
+    let presence = client(&server);
+    let request = pb::RegisterRequest {
+        device_id: "desk".into(),
+        ..Default::default()
+    };
+    crate::presence_support::register(&presence, &alice, request)
+        .await
+        .unwrap();
+    let session = Session::hello(support::channel(&server), &alice, "desk").await;
+    let now = presence_of(&presence, &alice, "alice", session.device.revision).await;
+    assert_eq!(now.devices.len(), 1);
+    assert_eq!(
+        now.devices[0].connection_kind,
+        pb::ConnectionKind::Stream as i32
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_replica_s_sessions_vanish_within_the_replica_ttl() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let mut doomed = ServiceProcess::start("presence-svc", &etcd, &prefix, &[]).await;
+    let survivor = support::presence(&etcd, &prefix).await;
+    let tenant = Tenant::create(&survivor, "AC1").await;
+    let alice = tenant.device("alice");
+    let channel = plumbing::client::channel(&doomed.addr.to_string()).unwrap();
+    let session = integration::poll_until(
+        "key to reach the doomed replica",
+        Duration::from_secs(5),
+        || {
+            let (channel, alice) = (channel.clone(), alice.clone());
+            async move {
+                let hello = pb::ConnectHello {
+                    device_id: "phone".into(),
+                    ..Default::default()
+                };
+                Session::open(channel, &alice, hello).await.ok()
+            }
+        },
+    )
+    .await;
+    let presence = client(&survivor);
+    presence_of(&presence, &alice, "alice", session.device.revision).await;
+    doomed.kill().await;
+    let killed = Instant::now();
+    // --replica-ttl is 5 s in tests.
+    wait_for_devices(&presence, &alice, "alice", 0, Duration::from_secs(9)).await;
+    assert!(
+        killed.elapsed() > Duration::from_secs(1),
+        "left before the lease could expire"
+    );
+    drop(session);
+    survivor.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutting_down_ends_sessions_with_unavailable_and_removes_them_at_once() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let stopping = support::presence(&etcd, &prefix).await;
+    let staying = support::presence(&etcd, &prefix).await;
+    let tenant = Tenant::create(&stopping, "AC1").await;
+    tenant.known_to(&staying).await;
+    let alice = tenant.device("alice");
+    let mut session = Session::hello(support::channel(&stopping), &alice, "phone").await;
+    let presence = client(&staying);
+    presence_of(&presence, &alice, "alice", session.device.revision).await;
+    let shutdown = tokio::spawn(stopping.shutdown());
+    let status = session.end().await.expect("a status at shutdown");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("reconnect"), "{status:?}");
+    shutdown.await.unwrap().unwrap();
+    // The lease was revoked, not left to expire: gone well within the 5 s TTL.
+    wait_for_devices(&presence, &alice, "alice", 0, Duration::from_secs(2)).await;
+    staying.shutdown().await.unwrap();
+}
