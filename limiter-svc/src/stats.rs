@@ -46,23 +46,59 @@ impl EngineStats {
             txn_seconds: plumbing::metrics::latency_histogram(),
             shards_owned: Gauge::default(),
         };
-        metrics.register("limiter_grants", "Slots granted, by resource", stats.grants.clone());
-        metrics.register("limiter_rejects", "Acquires rejected (over the limit or queue timeout), by resource", stats.rejects.clone());
-        metrics.register("limiter_in_flight", "Slots held in the shards this replica owns, by resource", stats.in_flight.clone());
-        metrics.register("limiter_queued", "Callers waiting in the shards this replica owns, by resource", stats.queued.clone());
-        metrics.register("limiter_txn_batch_size", "Slot operations per group-committed etcd txn", stats.batch_size.clone());
-        metrics.register("limiter_txn_duration_seconds", "Latency of slot txns (including bucket lease grants)", stats.txn_seconds.clone());
-        metrics.register("limiter_shards_owned", "Shards this replica owns", stats.shards_owned.clone());
+        metrics.register(
+            "limiter_grants",
+            "Slots granted, by resource",
+            stats.grants.clone(),
+        );
+        metrics.register(
+            "limiter_rejects",
+            "Acquires rejected (over the limit or queue timeout), by resource",
+            stats.rejects.clone(),
+        );
+        metrics.register(
+            "limiter_in_flight",
+            "Slots held in the shards this replica owns, by resource",
+            stats.in_flight.clone(),
+        );
+        metrics.register(
+            "limiter_queued",
+            "Callers waiting in the shards this replica owns, by resource",
+            stats.queued.clone(),
+        );
+        metrics.register(
+            "limiter_txn_batch_size",
+            "Slot operations per group-committed etcd txn",
+            stats.batch_size.clone(),
+        );
+        metrics.register(
+            "limiter_txn_duration_seconds",
+            "Latency of slot txns (including bucket lease grants)",
+            stats.txn_seconds.clone(),
+        );
+        metrics.register(
+            "limiter_shards_owned",
+            "Shards this replica owns",
+            stats.shards_owned.clone(),
+        );
         stats
     }
 
     /// Counts a grant.
     pub fn granted(&self, resource: &str) {
-        self.grants.get_or_create(&ResourceLabels { resource: resource.to_owned() }).inc();
+        self.grants
+            .get_or_create(&ResourceLabels {
+                resource: resource.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a rejection.
     pub fn rejected(&self, resource: &str) {
-        self.rejects.get_or_create(&ResourceLabels { resource: resource.to_owned() }).inc();
+        self.rejects
+            .get_or_create(&ResourceLabels {
+                resource: resource.to_owned(),
+            })
+            .inc();
     }
 }

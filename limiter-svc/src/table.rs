@@ -367,7 +367,9 @@ impl<R> SlotTable<R> {
     /// (their usage counters go with them), so memory stays bounded by the active keys.
     pub fn forget_idle(&mut self, now_ms: u64, idle_ms: u64) {
         self.keys.retain(|_, s| {
-            !s.slots.is_empty() || !s.queue.is_empty() || now_ms.saturating_sub(s.last_active_ms) < idle_ms
+            !s.slots.is_empty()
+                || !s.queue.is_empty()
+                || now_ms.saturating_sub(s.last_active_ms) < idle_ms
         });
         if self.expiries.len() > 4 * self.index.len() + 1024 {
             let live: Vec<_> = self
@@ -528,7 +530,10 @@ mod tests {
     #[test]
     fn idle_keys_keep_their_counters_until_the_idle_period_passes() {
         let mut table = SlotTable::<u32>::default();
-        let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(1), 1_000, 0).0 else { panic!() };
+        let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(1), 1_000, 0).0
+        else {
+            panic!()
+        };
         table.remove(&slot.id);
         table.forget_idle(2_000, 10_000);
         assert_eq!(table.key(&key()).map(|s| s.granted_total), Some(1));

@@ -14,19 +14,28 @@
 //! replica lease expired and another replica claimed it), the txn fails and nothing of it
 //! applies; the engine then drops or reloads the shard.
 
+mod handle;
+mod shards;
+mod store;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
-use futures::future::BoxFuture;
 use plumbing::etcd::{EtcdError, EtcdSession};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::LimitTable;
 use crate::model::{AcquireSpec, SHARDS, SlotId, SlotKey, now_ms};
 use crate::stats::{EngineStats, ResourceLabels};
 use crate::table::{Decision, KeyState, Slot, SlotTable};
+
+use handle::Reply;
+pub use handle::{AcquireReply, Command, EngineError, EngineHandle, UsageReply};
+use shards::ShardState;
+pub use shards::{Owner, View};
+pub use store::shard_key;
+use store::{Write, commit};
 
 /// etcd's default `--max-txn-ops` is 128; leave room for the fencing compares' sake.
 pub const MAX_TXN_OPS: usize = 120;
@@ -38,159 +47,6 @@ const IDLE_KEY_MS: u64 = 10 * 60 * 1000;
 const RELOAD_BACKOFF: Duration = Duration::from_millis(250);
 /// Grace before a replica that is not a shard's preferred owner claims it.
 const CLAIM_GRACE_MS: u64 = 1_000;
-
-/// Why the engine could not serve a command.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// This replica does not own the shard (any more); route again.
-    #[error("shard {0} is not owned by this replica")]
-    NotOwner(u16),
-    /// The slot is not held (released, expired, unknown or of another account).
-    #[error("slot not found (released, expired or never granted)")]
-    NotFound,
-    /// etcd failed; the outcome is unknown and the caller may retry (with its request_id).
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// The answer to an Acquire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcquireReply {
-    /// Granted (with a slot) or rejected.
-    pub granted: bool,
-    /// The slot, when granted.
-    pub slot_id: String,
-    /// Slots held for the key after the decision.
-    pub in_flight: u32,
-    /// The limit in force (0: unlimited).
-    pub limit: u32,
-    /// When rejected: a hint for when to retry.
-    pub retry_after_ms: u32,
-    /// When granted: when the slot expires (ms since the epoch).
-    pub expire_ms: u64,
-    /// Granted only because the limit is in shadow mode.
-    pub shadow: bool,
-}
-
-/// Usage of one key as the owner sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageReply {
-    /// The key.
-    pub key: SlotKey,
-    /// Slots held.
-    pub in_flight: u32,
-    /// The limit in force (0: unlimited).
-    pub limit: u32,
-    /// Limit in shadow mode.
-    pub shadow: bool,
-    /// Callers queued.
-    pub queued: u32,
-    /// Grants since this owner took the key.
-    pub granted_total: u64,
-    /// Rejections since this owner took the key.
-    pub rejected_total: u64,
-    /// Shadow-mode would-be rejections.
-    pub shadow_rejected_total: u64,
-}
-
-type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
-
-/// What the engine is asked to do.
-#[derive(Debug)]
-pub enum Command {
-    /// Acquire a slot.
-    Acquire(AcquireSpec, Reply<AcquireReply>),
-    /// Release a slot; `account` None for platform callers (any account).
-    Release(SlotId, Option<String>, Reply<bool>),
-    /// Renew a slot to `hold_secs` from now; answers the new expiry.
-    Renew(SlotId, Option<String>, u32, Reply<u64>),
-    /// Usage of one key.
-    Usage(SlotKey, Reply<UsageReply>),
-    /// Usage of every key of an account in the shards owned here.
-    ListUsage(String, oneshot::Sender<Vec<UsageReply>>),
-}
-
-/// Submits commands to the engine task.
-#[derive(Debug, Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    owned: watch::Receiver<Vec<u16>>,
-}
-
-impl EngineHandle {
-    /// Sends a command and waits for its answer.
-    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| EngineError::Unavailable("limiter engine stopped".into()))?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(EngineError::Unavailable("limiter engine stopped".into())))
-    }
-
-    /// Usage of an account's keys owned here.
-    pub async fn list_usage(&self, account: String) -> Vec<UsageReply> {
-        let (reply, answer) = oneshot::channel();
-        if self
-            .tx
-            .send(Command::ListUsage(account, reply))
-            .await
-            .is_err()
-        {
-            return Vec::new();
-        }
-        answer.await.unwrap_or_default()
-    }
-
-    /// Shards this replica currently owns and serves.
-    pub fn owned(&self) -> Vec<u16> {
-        self.owned.borrow().clone()
-    }
-}
-
-/// Who owns a shard, as the ownership key says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    /// Owning replica.
-    pub replica_id: String,
-    /// Its gRPC address.
-    pub address: String,
-    /// Create revision of the ownership key (the claim's fencing token).
-    pub claim_revision: i64,
-}
-
-/// The cluster as the routing mirror sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct View {
-    /// Live replicas: id → address.
-    pub members: HashMap<String, String>,
-    /// Owner per shard.
-    pub owners: HashMap<u16, Owner>,
-    /// Claim revision of the last owner key deleted, per shard: if it is ours, we lost it.
-    pub vacated: HashMap<u16, i64>,
-}
-
-impl View {
-    /// The replica that should own `shard`: highest rendezvous hash among members.
-    pub fn preferred(&self, shard: u16) -> Option<&str> {
-        self.members
-            .keys()
-            .max_by_key(|id| rendezvous(shard, id))
-            .map(String::as_str)
-    }
-}
-
-fn rendezvous(shard: u16, replica: &str) -> u64 {
-    let mut hash: u64 =
-        0xcbf2_9ce4_8422_2325 ^ u64::from(shard).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for byte in replica.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
 
 /// Everything the engine needs from its replica.
 #[derive(Debug, Clone)]
@@ -213,35 +69,6 @@ pub struct EngineConfig {
     pub stats: EngineStats,
 }
 
-/// A slot record as stored in etcd.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct SlotRecord {
-    a: String,
-    r: String,
-    #[serde(default)]
-    q: String,
-    e: u64,
-}
-
-#[derive(Debug)]
-enum Write {
-    Put(Slot),
-    Delete(u16, SlotId),
-}
-
-impl Write {
-    fn id(&self) -> &SlotId {
-        match self {
-            Write::Put(slot) => &slot.id,
-            Write::Delete(_, id) => id,
-        }
-    }
-
-    fn shard(&self) -> u16 {
-        self.id().shard()
-    }
-}
-
 enum Ack {
     Grant {
         reply: Reply<AcquireReply>,
@@ -250,14 +77,6 @@ enum Ack {
         shadow: bool,
     },
     Renew(Reply<u64>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ShardState {
-    Unowned { since_ms: u64 },
-    Claiming,
-    Owned { claim_revision: i64 },
-    Reloading { claim_revision: i64 },
 }
 
 enum Event {
@@ -681,161 +500,24 @@ impl Engine {
         }
     }
 
-    /// Claims unowned shards this replica should own (or that nobody claimed in time), and
-    /// notices shards taken over by others.
-    fn rebalance(&mut self) {
-        let view = self.config.view.borrow().clone();
-        let me = self.config.replica_id.clone();
-        let now = now_ms();
-        for shard in 0..SHARDS {
-            let owner = view.owners.get(&shard);
-            match (self.shards[usize::from(shard)], owner) {
-                (
-                    ShardState::Owned { claim_revision } | ShardState::Reloading { claim_revision },
-                    Some(owner),
-                ) if owner.replica_id != me && owner.claim_revision > claim_revision => {
-                    tracing::warn!(shard, owner = %owner.replica_id, "shard taken over by another replica");
-                    self.give_up(shard);
-                }
-                (ShardState::Owned { claim_revision }, None)
-                    if view.vacated.get(&shard) == Some(&claim_revision) =>
-                {
-                    tracing::warn!(
-                        shard,
-                        "shard ownership key vanished (replica lease expired?)"
-                    );
-                    self.give_up(shard);
-                }
-                (ShardState::Unowned { since_ms }, None) => {
-                    let preferred = view.preferred(shard) == Some(me.as_str());
-                    if preferred || now.saturating_sub(since_ms) > CLAIM_GRACE_MS {
-                        self.claim(shard);
-                    }
-                }
-                (ShardState::Unowned { .. }, Some(_)) => {
-                    self.shards[usize::from(shard)] = ShardState::Unowned { since_ms: now };
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn claim(&mut self, shard: u16) {
-        self.shards[usize::from(shard)] = ShardState::Claiming;
-        let load = load_shard(
-            self.config.session.clone(),
-            shard,
-            Fence::Claim {
-                replica_id: self.config.replica_id.clone(),
-                address: self.config.address.clone(),
-                lease: self.config.replica_lease,
-            },
-        );
-        spawn_load(shard, load, &self.events);
-    }
-
-    fn reload(&mut self, shard: u16) {
-        let ShardState::Owned { claim_revision } = self.shards[usize::from(shard)] else {
-            return;
-        };
-        self.drop_state(
-            shard,
-            EngineError::Unavailable(format!("shard {shard} is reloading")),
-        );
-        self.shards[usize::from(shard)] = ShardState::Reloading { claim_revision };
-        spawn_load(
-            shard,
-            load_shard(
-                self.config.session.clone(),
-                shard,
-                Fence::Owned(claim_revision),
-            ),
-            &self.events,
-        );
-        self.publish_owned();
-    }
-
-    fn on_loaded(&mut self, shard: u16, result: Result<Option<(i64, Vec<Slot>)>, EtcdError>) {
-        let state = self.shards[usize::from(shard)];
-        match (state, result) {
-            (
-                ShardState::Claiming | ShardState::Reloading { .. },
-                Ok(Some((claim_revision, slots))),
-            ) => {
-                let now = now_ms();
-                for mut slot in slots.into_iter().filter(|s| s.expire_ms > now) {
-                    slot.committed = true;
-                    self.table.load(slot);
-                }
-                self.shards[usize::from(shard)] = ShardState::Owned { claim_revision };
-                tracing::info!(shard, claim_revision, "shard owned");
-            }
-            (ShardState::Reloading { claim_revision }, Err(err)) => {
-                tracing::warn!(shard, error = %err, "shard reload failed; retrying");
-                let load = load_shard(
-                    self.config.session.clone(),
-                    shard,
-                    Fence::Owned(claim_revision),
-                );
-                let events = self.events.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(RELOAD_BACKOFF).await;
-                    let result = load.await;
-                    let _ = events.send(Event::Loaded { shard, result });
-                });
-                return;
-            }
-            (_, Ok(None) | Err(_)) => {
-                self.shards[usize::from(shard)] = ShardState::Unowned { since_ms: now_ms() };
-            }
-            _ => {}
-        }
-        self.publish_owned();
-    }
-
-    fn give_up(&mut self, shard: u16) {
-        self.drop_state(shard, EngineError::NotOwner(shard));
-        self.shards[usize::from(shard)] = ShardState::Unowned { since_ms: now_ms() };
-        self.publish_owned();
-    }
-
-    fn drop_state(&mut self, shard: u16, err: EngineError) {
-        for waiter in self.table.drop_shard(shard) {
-            let _ = waiter.reply.send(Err(err.clone()));
-        }
-        let ids: Vec<SlotId> = self
-            .acks
-            .keys()
-            .filter(|id| id.shard() == shard)
-            .cloned()
-            .collect();
-        for id in ids {
-            self.fail_acks(&id, err.clone());
-        }
-        self.pending.retain(|w| w.shard() != shard);
-    }
-
     fn publish_gauges(&self) {
         let stats = &self.config.stats;
         stats.in_flight.clear();
         stats.queued.clear();
         for (key, state) in self.table.keys() {
-            let labels = ResourceLabels { resource: key.resource.clone() };
-            stats.in_flight.get_or_create(&labels).inc_by(i64::from(state.held()));
-            stats.queued.get_or_create(&labels).inc_by(i64::from(state.queued()));
+            let labels = ResourceLabels {
+                resource: key.resource.clone(),
+            };
+            stats
+                .in_flight
+                .get_or_create(&labels)
+                .inc_by(i64::from(state.held()));
+            stats
+                .queued
+                .get_or_create(&labels)
+                .inc_by(i64::from(state.queued()));
         }
         stats.shards_owned.set(self.owned.borrow().len() as i64);
-    }
-
-    fn publish_owned(&self) {
-        let owned: Vec<u16> = (0..SHARDS)
-            .filter(|s| matches!(self.shards[usize::from(*s)], ShardState::Owned { .. }))
-            .collect();
-        self.owned.send_if_modified(|current| {
-            let changed = *current != owned;
-            *current = owned;
-            changed
-        });
     }
 }
 
@@ -861,205 +543,4 @@ fn rejected(in_flight: u32, limit: u32, retry_after_ms: u32) -> AcquireReply {
         expire_ms: 0,
         shadow: false,
     }
-}
-
-/// The ownership key of a shard.
-pub fn shard_key(session: &EtcdSession, shard: u16) -> String {
-    session.key(&format!("limiter/shards/{shard:02x}"))
-}
-
-fn slots_prefix(session: &EtcdSession, shard: u16) -> String {
-    session.key(&format!("limiter/slots/{shard:02x}/"))
-}
-
-/// The bucket (expiry second, plus one of grace) whose lease carries a slot.
-fn bucket_of(expire_ms: u64) -> u64 {
-    expire_ms.div_ceil(1000) + 1
-}
-
-type CommitOutcome = (Vec<Write>, Vec<(u64, i64)>, Result<(), EtcdError>);
-
-/// Grants missing bucket leases, then commits the batch fenced by `fences`.
-fn commit(
-    session: EtcdSession,
-    fences: Vec<(u16, i64)>,
-    writes: Vec<Write>,
-    known: HashMap<u64, i64>,
-) -> BoxFuture<'static, CommitOutcome> {
-    Box::pin(async move {
-        let mut granted = Vec::new();
-        let mut leases = known;
-        let mut client = session.client();
-        let buckets: HashSet<u64> = writes
-            .iter()
-            .filter_map(|w| {
-                if let Write::Put(s) = w {
-                    Some(bucket_of(s.expire_ms))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        for bucket in buckets {
-            if leases.contains_key(&bucket) {
-                continue;
-            }
-            let ttl = (bucket * 1000)
-                .saturating_sub(now_ms())
-                .div_ceil(1000)
-                .max(2) as i64;
-            match session.bounded(client.lease_grant(ttl, None)).await {
-                Ok(lease) => {
-                    leases.insert(bucket, lease.id());
-                    granted.push((bucket, lease.id()));
-                }
-                Err(err) => return (writes, granted, Err(err)),
-            }
-        }
-        let compares: Vec<Compare> = fences
-            .iter()
-            .map(|(shard, rev)| {
-                Compare::create_revision(shard_key(&session, *shard), CompareOp::Equal, *rev)
-            })
-            .collect();
-        let ops: Vec<TxnOp> = writes
-            .iter()
-            .map(|write| match write {
-                Write::Put(slot) => {
-                    let record = SlotRecord {
-                        a: slot.key.account.clone(),
-                        r: slot.key.resource.clone(),
-                        q: slot.request_id.clone(),
-                        e: slot.expire_ms,
-                    };
-                    let lease = leases.get(&bucket_of(slot.expire_ms)).copied().unwrap_or(0);
-                    TxnOp::put(
-                        format!(
-                            "{}{}",
-                            slots_prefix(&session, slot.id.shard()),
-                            slot.id.as_str()
-                        ),
-                        serde_json::to_vec(&record).unwrap_or_default(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )
-                }
-                Write::Delete(shard, id) => TxnOp::delete(
-                    format!("{}{}", slots_prefix(&session, *shard), id.as_str()),
-                    None,
-                ),
-            })
-            .collect();
-        let txn = Txn::new().when(compares).and_then(ops);
-        let result = match session.bounded(client.txn(txn)).await {
-            Ok(response) if response.succeeded() => Ok(()),
-            Ok(_) => Err(EtcdError::Unavailable("shard ownership changed".into())),
-            Err(err) => Err(err),
-        };
-        (writes, granted, result)
-    })
-}
-
-enum Fence {
-    /// Claim the shard (it must be unowned), then read it.
-    Claim {
-        replica_id: String,
-        address: String,
-        lease: i64,
-    },
-    /// Read it if we still own it under this claim revision.
-    Owned(i64),
-}
-
-/// Reads a shard's slots in the same txn that claims it or proves it is still ours. Ok(None):
-/// not ours.
-async fn load_shard(
-    session: EtcdSession,
-    shard: u16,
-    fence: Fence,
-) -> Result<Option<(i64, Vec<Slot>)>, EtcdError> {
-    let key = shard_key(&session, shard);
-    let prefix = slots_prefix(&session, shard);
-    let read = TxnOp::get(prefix.clone(), Some(GetOptions::new().with_prefix()));
-    let txn = match &fence {
-        Fence::Claim {
-            replica_id,
-            address,
-            lease,
-        } => {
-            let owner =
-                serde_json::json!({ "replica_id": replica_id, "address": address }).to_string();
-            Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([
-                    TxnOp::put(
-                        key.clone(),
-                        owner,
-                        Some(PutOptions::new().with_lease(*lease)),
-                    ),
-                    read,
-                ])
-        }
-        Fence::Owned(rev) => Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                *rev,
-            )])
-            .and_then([read]),
-    };
-    let mut client = session.client();
-    let response = session.bounded(client.txn(txn)).await?;
-    if !response.succeeded() {
-        return Ok(None);
-    }
-    let claim_revision = match fence {
-        Fence::Claim { .. } => response.header().map_or(0, |h| h.revision()),
-        Fence::Owned(rev) => rev,
-    };
-    let mut slots = Vec::new();
-    for op in response.op_responses() {
-        if let TxnOpResponse::Get(get) = op {
-            for kv in get.kvs() {
-                let Some(id) = kv
-                    .key_str()
-                    .ok()
-                    .and_then(|k| k.strip_prefix(prefix.as_str()))
-                else {
-                    continue;
-                };
-                let (Ok(id), Ok(record)) = (
-                    SlotId::parse("slot", id),
-                    serde_json::from_slice::<SlotRecord>(kv.value()),
-                ) else {
-                    tracing::warn!(key = ?kv.key_str(), "ignoring unreadable slot record");
-                    continue;
-                };
-                slots.push(Slot {
-                    id,
-                    key: SlotKey {
-                        account: record.a,
-                        resource: record.r,
-                    },
-                    request_id: record.q,
-                    expire_ms: record.e,
-                    committed: true,
-                });
-            }
-        }
-    }
-    Ok(Some((claim_revision, slots)))
-}
-
-fn spawn_load(
-    shard: u16,
-    load: impl std::future::Future<Output = Result<Option<(i64, Vec<Slot>)>, EtcdError>>
-    + Send
-    + 'static,
-    events: &mpsc::UnboundedSender<Event>,
-) {
-    let events = events.clone();
-    tokio::spawn(async move {
-        let result = load.await;
-        let _ = events.send(Event::Loaded { shard, result });
-    });
 }
