@@ -1,18 +1,96 @@
 //! router-svc: routes incoming communications by the customer's instructions and the
-//! client's presence.
+//! client's presence (DESIGN.md §1, flow 1, steps 3–7).
+//!
+//! `Route(from, to, account)` finds the account's application for `to`, takes a limiter
+//! slot (resource `communications`), gets the instructions (inline, or a signed webhook
+//! with a fallback), and runs them: `<Dial><Client>alice</Client></Dial>` reads alice's
+//! presence from presence-svc and offers the communication to every available live device
+//! at once through presence's internal `SessionRelayService`; the first accept wins, the
+//! others are cancelled (`answered_elsewhere`). Route returns once the communication is
+//! connected or routing has ended; the communication lives on until a hangup.
+//!
+//! # State in etcd
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `router/apps/<account>/<address>` | application, JSON (with its signing secret) | none |
+//! | `router/comms/<account>/<communication_id>` | `StoredRecord` (protobuf): the `Communication` and its owner's address | the owner's replica lease while running; a shared retention lease once ended |
+//!
+//! A running communication belongs to the replica that accepted it (its *owner*): the
+//! runner task, the relay streams to the devices and the limiter slot are there. Its record
+//! is attached to the owner's replica lease, so if the owner dies the record vanishes
+//! within `--replica-ttl`, the devices' offers are cancelled by presence when the relay
+//! streams break, and the slot (held for [`slot_hold`] and renewed every third of it)
+//! expires. Once ended, the final record moves to a retention lease (rotated every tenth
+//! of `--communication-retention`) and stays readable that long.
+//!
+//! Other replicas read records from etcd (Get, List) and forward Hangup, Watch and a
+//! retried Route to the owner (`x-switchboard-forwarded` marks a forwarded call, which is
+//! never forwarded again). Route is idempotent per `communication_id`: creation is a
+//! put-if-absent, so two replicas never both run one id.
+//!
+//! # Writes
+//!
+//! etcd writes are the scarce resource (DESIGN.md §3): records are written by one
+//! group-committing writer per replica ([`store`]): creations (nested put-if-absent txns)
+//! and coalesced "latest state" puts of every communication that changed share one txn of
+//! up to 128 operations. A communication typically costs its creation, one or two
+//! coalesced updates and its final write, each shared with the others in flight;
+//! applications are read from a watch-fed copy.
+//!
+//! # The state machine
+//!
+//! See [`runner`] (instructions, fallback, redirects, Dial action) and [`dial`] (ringing,
+//! first accept wins, the connected leg). Every await point of a communication also waits
+//! for a hangup request (a Hangup call, or the replica stopping), so a hangup ends it at
+//! once whatever it is doing.
 #![forbid(unsafe_code)]
+
+pub mod api;
+pub mod apps;
+pub mod callbacks;
+pub mod dial;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+pub mod forward;
+pub mod legs;
+pub mod live;
+pub mod model;
+pub mod peers;
+pub mod retention;
+pub mod rules;
+pub mod runner;
+pub mod slot;
+pub mod store;
+pub mod url;
+pub mod watch;
+pub mod webhook;
+pub mod xml;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use plumbing::config::CommonArgs;
+use plumbing::etcd::EtcdError;
 use plumbing::guard::{GuardArgs, GuardLayer};
 use plumbing::server::{Replica, ServeError};
-use proto::router::v1::router_service_server::{RouterService, RouterServiceServer};
+use proto::router::v1::router_service_server::RouterServiceServer;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::Routes;
+
+use crate::api::RouterApi;
+use crate::apps::ApplicationStore;
+use crate::engine::Engine;
+use crate::live::LiveTable;
+use crate::peers::Peers;
+use crate::store::CommStore;
+use crate::webhook::WebhookClient;
 
 /// Flags of the router server.
 #[derive(Debug, Clone, Args)]
@@ -40,28 +118,112 @@ pub struct ServeArgs {
     pub common: CommonArgs,
 }
 
-/// The router handlers.
-#[derive(Debug, Clone, Default)]
-pub struct RouterApi;
+/// The router's own flags.
+#[derive(Debug, Clone, Args)]
+pub struct RouterArgs {
+    /// `host:port` other router replicas use to reach this one (written into the records
+    /// of the communications it runs). Default: the listen address.
+    #[arg(long, env = "SWITCHBOARD_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
 
-impl RouterService for RouterApi {}
+    /// How long ended communications stay readable (GetCommunication, ListCommunications).
+    #[arg(long, env = "SWITCHBOARD_COMMUNICATION_RETENTION", value_parser = plumbing::config::parse_duration, default_value = "5m")]
+    pub communication_retention: Duration,
+}
 
-/// Serves router-svc on `listener` until `stop` resolves.
+impl Default for RouterArgs {
+    fn default() -> Self {
+        Self {
+            advertise_address: None,
+            communication_retention: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Hold of a communication's limiter slot for a replica lease of `replica_ttl` seconds:
+/// at least twice the TTL and 10 s; renewed every third of it.
+pub fn slot_hold(replica_ttl: i64) -> Duration {
+    Duration::from_secs((replica_ttl.max(1) as u64 * 2).max(10))
+}
+
+/// Serves router-svc with default router flags on `listener` until `stop` resolves.
 pub async fn run(
     args: ServeArgs,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    run_with(args, RouterArgs::default(), listener, stop).await
+}
+
+/// Serves router-svc on `listener` until `stop` resolves (or the replica lease is lost).
+pub async fn run_with(
+    args: ServeArgs,
+    router: RouterArgs,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
     let guard = GuardLayer::from_args(&args.guard, &args.common)?;
-    let replica = Replica::start(&args.common, address).await?.with_guard(guard);
-    let routes = Routes::new(RouterServiceServer::new(RouterApi));
-    replica
+    let replica = Replica::start(&args.common, address)
+        .await?
+        .with_guard(guard);
+    let advertise = router
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| address.to_string());
+    let engine = Arc::new(Engine {
+        apps: ApplicationStore::start(&replica.session, args.allow_private_webhooks),
+        store: CommStore::start(
+            &replica.session,
+            replica.lease.id(),
+            advertise,
+            router.communication_retention,
+        ),
+        live: Arc::new(LiveTable::default()),
+        peers: Peers::new(
+            &args.common,
+            args.presence.clone(),
+            args.guard.limiter.clone(),
+        ),
+        webhooks: WebhookClient::new(args.allow_private_webhooks),
+        slot_hold: slot_hold(args.common.replica_ttl),
+        fail_closed: args.guard.guard_fail_closed,
+        shutdown: CancellationToken::new(),
+    });
+    let drain = args.common.drain_timeout;
+    let lost = replica.lease.lost();
+    let on_loss = {
+        let (lost, shutdown, engine) = (lost.clone(), replica.shutdown.clone(), engine.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => {
+                    tracing::error!("the replica lease was lost (etcd unreachable for a whole TTL): the communications running here are gone from etcd; stopping");
+                }
+                _ = shutdown.cancelled() => {}
+            }
+            engine.stop_all(drain).await;
+            shutdown.cancel();
+        })
+    };
+    let stop = {
+        let engine = engine.clone();
+        async move {
+            stop.await;
+            engine.stop_all(drain).await;
+        }
+    };
+    let routes = Routes::new(RouterServiceServer::new(RouterApi::new(engine)));
+    let served = replica
         .serve(
             listener,
             routes,
             &[<RouterServiceServer<RouterApi> as NamedService>::NAME],
             stop,
         )
-        .await
+        .await;
+    on_loss.abort();
+    if lost.is_cancelled() {
+        return Err(EtcdError::Unavailable("the replica lease was lost".into()).into());
+    }
+    served
 }

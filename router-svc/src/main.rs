@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use router_svc::ServeArgs;
+use router_svc::{RouterArgs, ServeArgs};
 
 /// Routes incoming communications to client applications.
 #[derive(Debug, Parser)]
@@ -12,12 +12,15 @@ use router_svc::ServeArgs;
 struct Cli {
     #[command(flatten)]
     serve: ServeArgs,
+
+    #[command(flatten)]
+    router: RouterArgs,
 }
 
 fn main() -> ExitCode {
-    let args = Cli::parse().serve;
-    plumbing::server::run_binary("router-svc", &args.common.clone(), || async move {
-        let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        router_svc::run(args, listener, plumbing::server::shutdown_signal()).await
+    let Cli { serve, router } = Cli::parse();
+    plumbing::server::run_binary("router-svc", &serve.common.clone(), || async move {
+        let listener = tokio::net::TcpListener::bind(serve.listen).await?;
+        router_svc::run_with(serve, router, listener, plumbing::server::shutdown_signal()).await
     })
 }

@@ -19,24 +19,47 @@ fn admin() -> String {
 
 /// One guarded call as account AC1 (platform callers are not guarded, so `token` must come
 /// from a real account key); its status, OK included.
-async fn call_router(router: &integration::InProcess<plumbing::server::ServeError>, token: &str) -> tonic::Status {
+async fn call_router(
+    router: &integration::InProcess<plumbing::server::ServeError>,
+    token: &str,
+) -> tonic::Status {
     let mut client = RouterServiceClient::new(support::channel(router));
     let request = proto::router::v1::GetCommunicationRequest::default();
-    match client.get_communication(Tokens::request(token, request)).await {
+    match client
+        .get_communication(Tokens::request(token, request))
+        .await
+    {
         Ok(_) => tonic::Status::ok(""),
         Err(status) => status,
     }
 }
 
-async fn account_token(etcd: &Etcd, prefix: &str) -> (String, integration::InProcess<plumbing::server::ServeError>) {
+async fn account_token(
+    etcd: &Etcd,
+    prefix: &str,
+) -> (String, integration::InProcess<plumbing::server::ServeError>) {
     let presence = support::presence(etcd, prefix).await;
-    let mut keys = proto::presence::v1::key_service_client::KeyServiceClient::new(support::channel(&presence));
+    let mut keys =
+        proto::presence::v1::key_service_client::KeyServiceClient::new(support::channel(&presence));
     let created = keys
-        .create_key(Tokens::request(&admin(), proto::presence::v1::CreateKeyRequest { account_id: "AC1".into(), description: String::new() }))
+        .create_key(Tokens::request(
+            &admin(),
+            proto::presence::v1::CreateKeyRequest {
+                account_id: "AC1".into(),
+                description: String::new(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
-    let token = Tokens::signed(&created.key.unwrap().key_id, &created.secret, "AC1", None, &[Scope::Admin], 300);
+    let token = Tokens::signed(
+        &created.key.unwrap().key_id,
+        &created.secret,
+        "AC1",
+        None,
+        &[Scope::Admin],
+        300,
+    );
     (token, presence)
 }
 
@@ -48,41 +71,96 @@ async fn guarded_calls_over_the_limit_get_resource_exhausted_with_retry_info() {
     let limiter = support::limiter(&etcd, &prefix, 100).await;
     let router = support::router(&etcd, &prefix, Some(limiter.addr.to_string()), false).await;
     let mut limits = LimiterServiceClient::new(support::channel(&limiter));
-    let limit = pb::Limit { account_id: "AC1".into(), resource: ROUTE.into(), max_in_flight: 1, shadow: false };
-    limits.set_limit(Tokens::request(&admin(), pb::SetLimitRequest { limit: Some(limit) })).await.unwrap();
+    let limit = pb::Limit {
+        account_id: "AC1".into(),
+        resource: ROUTE.into(),
+        max_in_flight: 1,
+        shadow: false,
+    };
+    limits
+        .set_limit(Tokens::request(
+            &admin(),
+            pb::SetLimitRequest { limit: Some(limit) },
+        ))
+        .await
+        .unwrap();
     // Within the limit the request reaches its handler (which answers UNIMPLEMENTED for now,
     // or anything but RESOURCE_EXHAUSTED), and its slot is released when it ends.
-    let first = poll_until("router to see the account key", Duration::from_secs(2), || async {
-        let status = call_router(&router, &token).await;
-        (status.code() != Code::Unauthenticated).then_some(status)
-    })
+    let first = poll_until(
+        "router to see the account key",
+        Duration::from_secs(2),
+        || async {
+            let status = call_router(&router, &token).await;
+            (status.code() != Code::Unauthenticated).then_some(status)
+        },
+    )
     .await;
     assert_ne!(first.code(), Code::ResourceExhausted, "{first:?}");
     let usage = |limits: &LimiterServiceClient<tonic::transport::Channel>| {
         let mut limits = limits.clone();
         async move {
-            let request = pb::GetUsageRequest { account_id: "AC1".into(), resource: ROUTE.into() };
-            limits.get_usage(Tokens::request(&admin(), request)).await.ok()?.into_inner().usage
+            let request = pb::GetUsageRequest {
+                account_id: "AC1".into(),
+                resource: ROUTE.into(),
+            };
+            limits
+                .get_usage(Tokens::request(&admin(), request))
+                .await
+                .ok()?
+                .into_inner()
+                .usage
         }
     };
-    poll_until("the guard slot to be released", Duration::from_secs(2), || async {
-        usage(&limits).await.filter(|u| u.in_flight == 0 && u.granted_total >= 1)
-    })
+    poll_until(
+        "the guard slot to be released",
+        Duration::from_secs(2),
+        || async {
+            usage(&limits)
+                .await
+                .filter(|u| u.in_flight == 0 && u.granted_total >= 1)
+        },
+    )
     .await;
     // Someone else holds the only slot: the guarded call is refused with retry information.
     let held = limits
-        .acquire(Tokens::request(&admin(), pb::AcquireRequest { account_id: "AC1".into(), resource: ROUTE.into(), hold_seconds: 30, ..Default::default() }))
+        .acquire(Tokens::request(
+            &admin(),
+            pb::AcquireRequest {
+                account_id: "AC1".into(),
+                resource: ROUTE.into(),
+                hold_seconds: 30,
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     let refused = call_router(&router, &token).await;
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.metadata().get("retry-after-ms").is_some());
-    assert!(refused.message().contains("1 of 1"), "{}", refused.message());
+    assert!(
+        refused.message().contains("1 of 1"),
+        "{}",
+        refused.message()
+    );
     use tonic_types::StatusExt;
-    assert!(refused.get_details_retry_info().is_some(), "no RetryInfo detail");
-    limits.release(Tokens::request(&admin(), pb::ReleaseRequest { slot_id: held.slot_id })).await.unwrap();
-    assert_ne!(call_router(&router, &token).await.code(), Code::ResourceExhausted);
+    assert!(
+        refused.get_details_retry_info().is_some(),
+        "no RetryInfo detail"
+    );
+    limits
+        .release(Tokens::request(
+            &admin(),
+            pb::ReleaseRequest {
+                slot_id: held.slot_id,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_ne!(
+        call_router(&router, &token).await.code(),
+        Code::ResourceExhausted
+    );
     router.shutdown().await.unwrap();
     limiter.shutdown().await.unwrap();
     presence.shutdown().await.unwrap();
@@ -96,16 +174,28 @@ async fn an_unreachable_limiter_fails_open_by_default_and_closed_when_configured
     let dead = format!("127.0.0.1:{}", integration::free_port());
     let open = support::router(&etcd, &prefix, Some(dead.clone()), false).await;
     let closed = support::router(&etcd, &prefix, Some(dead), true).await;
-    let through = poll_until("router to see the account key", Duration::from_secs(2), || async {
-        let status = call_router(&open, &token).await;
-        (status.code() != Code::Unauthenticated).then_some(status)
-    })
+    let through = poll_until(
+        "router to see the account key",
+        Duration::from_secs(2),
+        || async {
+            let status = call_router(&open, &token).await;
+            (status.code() != Code::Unauthenticated).then_some(status)
+        },
+    )
     .await;
-    assert_ne!(through.code(), Code::Unavailable, "fail-open guard refused: {through:?}");
-    let refused = poll_until("closed router to see the account key", Duration::from_secs(2), || async {
-        let status = call_router(&closed, &token).await;
-        (status.code() != Code::Unauthenticated).then_some(status)
-    })
+    assert_ne!(
+        through.code(),
+        Code::Unavailable,
+        "fail-open guard refused: {through:?}"
+    );
+    let refused = poll_until(
+        "closed router to see the account key",
+        Duration::from_secs(2),
+        || async {
+            let status = call_router(&closed, &token).await;
+            (status.code() != Code::Unauthenticated).then_some(status)
+        },
+    )
     .await;
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("limiter is unreachable"));

@@ -28,11 +28,28 @@ fn client(addr: std::net::SocketAddr) -> Client {
 }
 
 async fn set_limit(client: &mut Client, account: &str, resource: &str, max: u32, shadow: bool) {
-    let limit = pb::Limit { account_id: account.into(), resource: resource.into(), max_in_flight: max, shadow };
-    client.set_limit(Tokens::request(&admin(), pb::SetLimitRequest { limit: Some(limit) })).await.unwrap();
+    let limit = pb::Limit {
+        account_id: account.into(),
+        resource: resource.into(),
+        max_in_flight: max,
+        shadow,
+    };
+    client
+        .set_limit(Tokens::request(
+            &admin(),
+            pb::SetLimitRequest { limit: Some(limit) },
+        ))
+        .await
+        .unwrap();
 }
 
-fn acquire_req(account: &str, resource: &str, request_id: &str, hold: u32, wait: u32) -> pb::AcquireRequest {
+fn acquire_req(
+    account: &str,
+    resource: &str,
+    request_id: &str,
+    hold: u32,
+    wait: u32,
+) -> pb::AcquireRequest {
     pb::AcquireRequest {
         account_id: account.into(),
         resource: resource.into(),
@@ -42,8 +59,20 @@ fn acquire_req(account: &str, resource: &str, request_id: &str, hold: u32, wait:
     }
 }
 
-async fn acquire(client: &mut Client, account: &str, resource: &str, hold: u32) -> pb::AcquireResponse {
-    client.acquire(Tokens::request(&admin(), acquire_req(account, resource, "", hold, 0))).await.unwrap().into_inner()
+async fn acquire(
+    client: &mut Client,
+    account: &str,
+    resource: &str,
+    hold: u32,
+) -> pb::AcquireResponse {
+    client
+        .acquire(Tokens::request(
+            &admin(),
+            acquire_req(account, resource, "", hold, 0),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 fn granted(response: &pb::AcquireResponse) -> bool {
@@ -51,23 +80,43 @@ fn granted(response: &pb::AcquireResponse) -> bool {
 }
 
 async fn release(client: &mut Client, slot: &str) -> bool {
-    client.release(Tokens::request(&admin(), pb::ReleaseRequest { slot_id: slot.into() })).await.unwrap().into_inner().released
+    client
+        .release(Tokens::request(
+            &admin(),
+            pb::ReleaseRequest {
+                slot_id: slot.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .released
 }
 
 /// Polls until `client` grants for (account, resource): the key's shard has an owner.
 async fn ready(client: &Client, account: &str, resource: &str) {
-    poll_until("the key's shard to be served", Duration::from_secs(15), || {
-        let mut client = client.clone();
-        let (account, resource) = (account.to_owned(), resource.to_owned());
-        async move {
-            let answer = client.acquire(Tokens::request(&admin(), acquire_req(&account, &resource, "", 1, 0))).await.ok()?;
-            let answer = answer.into_inner();
-            if granted(&answer) {
-                release(&mut client, &answer.slot_id).await;
+    poll_until(
+        "the key's shard to be served",
+        Duration::from_secs(15),
+        || {
+            let mut client = client.clone();
+            let (account, resource) = (account.to_owned(), resource.to_owned());
+            async move {
+                let answer = client
+                    .acquire(Tokens::request(
+                        &admin(),
+                        acquire_req(&account, &resource, "", 1, 0),
+                    ))
+                    .await
+                    .ok()?;
+                let answer = answer.into_inner();
+                if granted(&answer) {
+                    release(&mut client, &answer.slot_id).await;
+                }
+                Some(())
             }
-            Some(())
-        }
-    })
+        },
+    )
     .await;
 }
 
@@ -101,10 +150,19 @@ async fn rejects_when_limit_reached_across_replicas() {
     }
     // Release through a replica that is not (necessarily) the owner; then one more fits.
     assert!(release(&mut clients[2], &slots[0]).await);
-    assert!(!release(&mut clients[1], &slots[0]).await, "a second release frees nothing");
+    assert!(
+        !release(&mut clients[1], &slots[0]).await,
+        "a second release frees nothing"
+    );
     assert!(granted(&acquire(&mut clients[1], "AC1", "calls", 30).await));
     let usage = clients[0]
-        .get_usage(Tokens::request(&admin(), pb::GetUsageRequest { account_id: "AC1".into(), resource: "calls".into() }))
+        .get_usage(Tokens::request(
+            &admin(),
+            pb::GetUsageRequest {
+                account_id: "AC1".into(),
+                resource: "calls".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -112,8 +170,24 @@ async fn rejects_when_limit_reached_across_replicas() {
         .unwrap();
     assert_eq!((usage.in_flight, usage.limit), (3, 3));
     assert!(usage.rejected_total >= 3);
-    let listed = clients[1].list_usage(Tokens::request(&admin(), pb::ListUsageRequest { account_id: "AC1".into() })).await.unwrap();
-    assert_eq!(listed.into_inner().usages.iter().map(|u| u.in_flight).sum::<u32>(), 3);
+    let listed = clients[1]
+        .list_usage(Tokens::request(
+            &admin(),
+            pb::ListUsageRequest {
+                account_id: "AC1".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed
+            .into_inner()
+            .usages
+            .iter()
+            .map(|u| u.in_flight)
+            .sum::<u32>(),
+        3
+    );
     for r in replicas {
         r.shutdown().await.unwrap();
     }
@@ -125,15 +199,37 @@ async fn a_retried_request_id_gets_the_same_slot_and_release_is_idempotent() {
     let server = support::limiter(&etcd, &unique_prefix(), 5).await;
     let mut c = client(server.addr);
     ready(&c, "AC1", "calls").await;
-    let first = c.acquire(Tokens::request(&admin(), acquire_req("AC1", "calls", "req-1", 30, 0))).await.unwrap().into_inner();
-    let again = c.acquire(Tokens::request(&admin(), acquire_req("AC1", "calls", "req-1", 30, 0))).await.unwrap().into_inner();
+    let first = c
+        .acquire(Tokens::request(
+            &admin(),
+            acquire_req("AC1", "calls", "req-1", 30, 0),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = c
+        .acquire(Tokens::request(
+            &admin(),
+            acquire_req("AC1", "calls", "req-1", 30, 0),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(granted(&first));
     assert_eq!(first.slot_id, again.slot_id);
     assert_eq!(first.expire_time, again.expire_time);
     assert_eq!(again.in_flight, 1, "a retry does not take a second slot");
     assert!(release(&mut c, &first.slot_id).await);
     assert!(!release(&mut c, &first.slot_id).await);
-    let renewed = c.renew(Tokens::request(&admin(), pb::RenewRequest { slot_id: first.slot_id.clone(), hold_seconds: 10 })).await;
+    let renewed = c
+        .renew(Tokens::request(
+            &admin(),
+            pb::RenewRequest {
+                slot_id: first.slot_id.clone(),
+                hold_seconds: 10,
+            },
+        ))
+        .await;
     assert_eq!(renewed.unwrap_err().code(), Code::NotFound);
     server.shutdown().await.unwrap();
 }
@@ -152,7 +248,14 @@ async fn queued_callers_are_granted_in_fifo_order_and_time_out_at_their_deadline
         let (mut waiter, order) = (c.clone(), order.clone());
         waiters.push(tokio::spawn(async move {
             let c = &mut waiter;
-            let answer = c.acquire(Tokens::request(&admin(), acquire_req("AC1", "calls", "", 30, 20_000))).await.unwrap().into_inner();
+            let answer = c
+                .acquire(Tokens::request(
+                    &admin(),
+                    acquire_req("AC1", "calls", "", 30, 20_000),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
             let position = order.fetch_add(1, Ordering::SeqCst);
             if granted(&answer) {
                 release(c, &answer.slot_id).await;
@@ -163,7 +266,16 @@ async fn queued_callers_are_granted_in_fifo_order_and_time_out_at_their_deadline
         poll_until("caller to be queued", Duration::from_secs(5), || {
             let mut c = c.clone();
             async move {
-                let usage = c.get_usage(Tokens::request(&admin(), pb::GetUsageRequest { account_id: "AC1".into(), resource: "calls".into() })).await.ok()?;
+                let usage = c
+                    .get_usage(Tokens::request(
+                        &admin(),
+                        pb::GetUsageRequest {
+                            account_id: "AC1".into(),
+                            resource: "calls".into(),
+                        },
+                    ))
+                    .await
+                    .ok()?;
                 (usage.into_inner().usage?.queued == i as u32 + 1).then_some(())
             }
         })
@@ -181,7 +293,14 @@ async fn queued_callers_are_granted_in_fifo_order_and_time_out_at_their_deadline
     // A waiter whose deadline passes is rejected, not left hanging.
     let holder = acquire(&mut c, "AC1", "calls", 30).await;
     let started = std::time::Instant::now();
-    let late = c.acquire(Tokens::request(&admin(), acquire_req("AC1", "calls", "", 30, 300))).await.unwrap().into_inner();
+    let late = c
+        .acquire(Tokens::request(
+            &admin(),
+            acquire_req("AC1", "calls", "", 30, 300),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(late.decision, pb::Decision::Rejected as i32);
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(release(&mut c, &holder.slot_id).await);
@@ -199,17 +318,27 @@ async fn a_crashed_holders_slot_expires_after_its_hold() {
     assert!(granted(&held));
     assert!(!granted(&acquire(&mut c, "AC1", "calls", 2).await));
     let expiry = convert_ms(held.expire_time.as_ref());
-    poll_until("the abandoned slot to expire", Duration::from_secs(5), || {
-        let mut c = c.clone();
-        async move { granted(&acquire(&mut c, "AC1", "calls", 2).await).then_some(()) }
-    })
+    poll_until(
+        "the abandoned slot to expire",
+        Duration::from_secs(5),
+        || {
+            let mut c = c.clone();
+            async move { granted(&acquire(&mut c, "AC1", "calls", 2).await).then_some(()) }
+        },
+    )
     .await;
-    assert!(now_ms() >= expiry, "granted before the abandoned slot expired");
+    assert!(
+        now_ms() >= expiry,
+        "granted before the abandoned slot expired"
+    );
     server.shutdown().await.unwrap();
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn convert_ms(ts: Option<&prost_types::Timestamp>) -> u64 {
@@ -227,34 +356,83 @@ async fn limit_changes_reach_every_replica_within_a_second() {
     let get = |c: &Client| {
         let mut c = c.clone();
         async move {
-            c.get_limit(Tokens::request(&admin(), pb::GetLimitRequest { account_id: "AC1".into(), resource: "calls".into() }))
-                .await
-                .ok()
-                .map(|r| r.into_inner())
+            c.get_limit(Tokens::request(
+                &admin(),
+                pb::GetLimitRequest {
+                    account_id: "AC1".into(),
+                    resource: "calls".into(),
+                },
+            ))
+            .await
+            .ok()
+            .map(|r| r.into_inner())
         }
     };
-    poll_until("limit 7 on replica B", Duration::from_secs(1), || async { get(&cb).await.filter(|r| r.limit.as_ref().is_some_and(|l| l.max_in_flight == 7)) }).await;
+    poll_until("limit 7 on replica B", Duration::from_secs(1), || async {
+        get(&cb)
+            .await
+            .filter(|r| r.limit.as_ref().is_some_and(|l| l.max_in_flight == 7))
+    })
+    .await;
     // The * default applies to accounts without their own limit; the server default after that.
     set_limit(&mut ca, "*", "calls", 4, false).await;
     let other = poll_until("default on B", Duration::from_secs(1), || {
         let mut cb = cb.clone();
         async move {
-            let r = cb.get_limit(Tokens::request(&admin(), pb::GetLimitRequest { account_id: "AC2".into(), resource: "calls".into() })).await.ok()?.into_inner();
+            let r = cb
+                .get_limit(Tokens::request(
+                    &admin(),
+                    pb::GetLimitRequest {
+                        account_id: "AC2".into(),
+                        resource: "calls".into(),
+                    },
+                ))
+                .await
+                .ok()?
+                .into_inner();
             (r.limit.as_ref()?.max_in_flight == 4).then_some(r)
         }
     })
     .await;
     drop(other);
-    assert_eq!(get(&cb).await.unwrap().source, pb::LimitSource::Account as i32);
-    let deleted = ca.delete_limit(Tokens::request(&admin(), pb::DeleteLimitRequest { account_id: "AC1".into(), resource: "calls".into() })).await.unwrap();
+    assert_eq!(
+        get(&cb).await.unwrap().source,
+        pb::LimitSource::Account as i32
+    );
+    let deleted = ca
+        .delete_limit(Tokens::request(
+            &admin(),
+            pb::DeleteLimitRequest {
+                account_id: "AC1".into(),
+                resource: "calls".into(),
+            },
+        ))
+        .await
+        .unwrap();
     assert!(deleted.into_inner().deleted);
-    poll_until("fallback to the * default on B", Duration::from_secs(1), || async {
-        get(&cb).await.filter(|r| r.source == pb::LimitSource::Default as i32)
-    })
+    poll_until(
+        "fallback to the * default on B",
+        Duration::from_secs(1),
+        || async {
+            get(&cb)
+                .await
+                .filter(|r| r.source == pb::LimitSource::Default as i32)
+        },
+    )
     .await;
     let server_default = get(&cb).await;
     assert!(server_default.is_some());
-    let listed = ca.list_limits(Tokens::request(&admin(), pb::ListLimitsRequest { account_id: "*".into(), page_size: 0, page_token: String::new() })).await.unwrap();
+    let listed = ca
+        .list_limits(Tokens::request(
+            &admin(),
+            pb::ListLimitsRequest {
+                account_id: "*".into(),
+                page_size: 0,
+                page_token: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
     assert_eq!(listed.into_inner().limits.len(), 1);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
@@ -275,7 +453,10 @@ async fn lowering_a_limit_below_in_flight_grants_nothing_until_usage_falls_under
     assert!(!granted(&acquire(&mut c, "AC1", "calls", 30).await));
     release(&mut c, &slots[0]).await;
     release(&mut c, &slots[1]).await;
-    assert!(!granted(&acquire(&mut c, "AC1", "calls", 30).await), "1 in flight is not under a limit of 1");
+    assert!(
+        !granted(&acquire(&mut c, "AC1", "calls", 30).await),
+        "1 in flight is not under a limit of 1"
+    );
     release(&mut c, &slots[2]).await;
     assert!(granted(&acquire(&mut c, "AC1", "calls", 30).await));
     server.shutdown().await.unwrap();
@@ -292,9 +473,21 @@ async fn shadow_mode_grants_over_the_limit_and_counts_would_be_rejections() {
     let second = acquire(&mut c, "AC1", "calls", 30).await;
     assert!(granted(&first) && !first.shadow);
     assert!(granted(&second) && second.shadow);
-    let usage = c.get_usage(Tokens::request(&admin(), pb::GetUsageRequest { account_id: "AC1".into(), resource: "calls".into() })).await.unwrap();
+    let usage = c
+        .get_usage(Tokens::request(
+            &admin(),
+            pb::GetUsageRequest {
+                account_id: "AC1".into(),
+                resource: "calls".into(),
+            },
+        ))
+        .await
+        .unwrap();
     let usage = usage.into_inner().usage.unwrap();
-    assert_eq!((usage.in_flight, usage.shadow_rejected_total, usage.shadow), (2, 1, true));
+    assert_eq!(
+        (usage.in_flight, usage.shadow_rejected_total, usage.shadow),
+        (2, 1, true)
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -311,28 +504,100 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing() {
         (acquire_req("A C", "calls", "", 1, 0), "account_id"),
         (acquire_req("AC1", "calls", "bad id", 1, 0), "request_id"),
         (acquire_req("AC1", "calls", "", 86_401, 0), "hold_seconds"),
-        (acquire_req("AC1", "calls", "", 1, 60_001), "wait_timeout_ms"),
+        (
+            acquire_req("AC1", "calls", "", 1, 60_001),
+            "wait_timeout_ms",
+        ),
     ];
     for (request, field) in cases {
-        let status = c.acquire(Tokens::request(&admin(), request)).await.unwrap_err();
+        let status = c
+            .acquire(Tokens::request(&admin(), request))
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(status.message().starts_with(&format!("{field}:")), "{field}: {}", status.message());
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            status.message()
+        );
     }
-    let bad_slot = c.release(Tokens::request(&admin(), pb::ReleaseRequest { slot_id: "nope".into() })).await.unwrap_err();
+    let bad_slot = c
+        .release(Tokens::request(
+            &admin(),
+            pb::ReleaseRequest {
+                slot_id: "nope".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
     assert!(bad_slot.code() == Code::InvalidArgument && bad_slot.message().starts_with("slot_id:"));
-    let bad_renew = c.renew(Tokens::request(&admin(), pb::RenewRequest { slot_id: "00000000000000000000000000".into(), hold_seconds: 90_000 })).await.unwrap_err();
-    assert!(bad_renew.message().starts_with("hold_seconds:"), "{bad_renew:?}");
-    for (max, field) in [(0, "limit.max_in_flight"), (1_000_001, "limit.max_in_flight")] {
-        let limit = pb::Limit { account_id: "AC1".into(), resource: "calls".into(), max_in_flight: max, shadow: false };
-        let status = c.set_limit(Tokens::request(&admin(), pb::SetLimitRequest { limit: Some(limit) })).await.unwrap_err();
-        assert!(status.code() == Code::InvalidArgument && status.message().starts_with(field), "{status:?}");
+    let bad_renew = c
+        .renew(Tokens::request(
+            &admin(),
+            pb::RenewRequest {
+                slot_id: "00000000000000000000000000".into(),
+                hold_seconds: 90_000,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        bad_renew.message().starts_with("hold_seconds:"),
+        "{bad_renew:?}"
+    );
+    for (max, field) in [
+        (0, "limit.max_in_flight"),
+        (1_000_001, "limit.max_in_flight"),
+    ] {
+        let limit = pb::Limit {
+            account_id: "AC1".into(),
+            resource: "calls".into(),
+            max_in_flight: max,
+            shadow: false,
+        };
+        let status = c
+            .set_limit(Tokens::request(
+                &admin(),
+                pb::SetLimitRequest { limit: Some(limit) },
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            status.code() == Code::InvalidArgument && status.message().starts_with(field),
+            "{status:?}"
+        );
     }
-    let missing = c.set_limit(Tokens::request(&admin(), pb::SetLimitRequest { limit: None })).await.unwrap_err();
+    let missing = c
+        .set_limit(Tokens::request(
+            &admin(),
+            pb::SetLimitRequest { limit: None },
+        ))
+        .await
+        .unwrap_err();
     assert!(missing.message().starts_with("limit:"));
     // Nothing was stored by any of it.
-    let limits = c.list_limits(Tokens::request(&admin(), pb::ListLimitsRequest { account_id: "AC1".into(), page_size: 10, page_token: String::new() })).await.unwrap();
+    let limits = c
+        .list_limits(Tokens::request(
+            &admin(),
+            pb::ListLimitsRequest {
+                account_id: "AC1".into(),
+                page_size: 10,
+                page_token: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
     assert!(limits.into_inner().limits.is_empty());
-    let usage = c.get_usage(Tokens::request(&admin(), pb::GetUsageRequest { account_id: "AC1".into(), resource: "calls".into() })).await.unwrap();
+    let usage = c
+        .get_usage(Tokens::request(
+            &admin(),
+            pb::GetUsageRequest {
+                account_id: "AC1".into(),
+                resource: "calls".into(),
+            },
+        ))
+        .await
+        .unwrap();
     assert_eq!(usage.into_inner().usage.unwrap().in_flight, 0);
     server.shutdown().await.unwrap();
 }
@@ -346,34 +611,116 @@ async fn accounts_cannot_touch_each_others_slots_or_limits() {
     let mut keys = KeyServiceClient::new(support::channel(&presence));
     let mut token_for = HashMap::new();
     for account in ["AC1", "AC2"] {
-        let created = keys.create_key(Tokens::request(&admin(), CreateKeyRequest { account_id: account.into(), description: String::new() })).await.unwrap().into_inner();
+        let created = keys
+            .create_key(Tokens::request(
+                &admin(),
+                CreateKeyRequest {
+                    account_id: account.into(),
+                    description: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
         let key_id = created.key.unwrap().key_id;
-        token_for.insert(account, Tokens::signed(&key_id, &created.secret, account, None, &[Scope::LimiterAcquire, Scope::LimiterAdmin], 300));
+        token_for.insert(
+            account,
+            Tokens::signed(
+                &key_id,
+                &created.secret,
+                account,
+                None,
+                &[Scope::LimiterAcquire, Scope::LimiterAdmin],
+                300,
+            ),
+        );
     }
     let mut c = client(server.addr);
-    poll_until("account keys to reach the limiter", Duration::from_secs(2), || {
-        let mut c = c.clone();
-        let token = token_for["AC1"].clone();
-        async move { c.acquire(Tokens::request(&token, acquire_req("", "calls", "", 1, 0))).await.ok().map(|_| ()) }
-    })
+    poll_until(
+        "account keys to reach the limiter",
+        Duration::from_secs(2),
+        || {
+            let mut c = c.clone();
+            let token = token_for["AC1"].clone();
+            async move {
+                c.acquire(Tokens::request(&token, acquire_req("", "calls", "", 1, 0)))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        },
+    )
     .await;
-    let mine = c.acquire(Tokens::request(&token_for["AC1"], acquire_req("", "calls", "", 30, 0))).await.unwrap().into_inner();
+    let mine = c
+        .acquire(Tokens::request(
+            &token_for["AC1"],
+            acquire_req("", "calls", "", 30, 0),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(granted(&mine));
-    let foreign = c.acquire(Tokens::request(&token_for["AC2"], acquire_req("AC1", "calls", "", 30, 0))).await.unwrap_err();
+    let foreign = c
+        .acquire(Tokens::request(
+            &token_for["AC2"],
+            acquire_req("AC1", "calls", "", 30, 0),
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(foreign.code(), Code::PermissionDenied);
-    let stolen = c.release(Tokens::request(&token_for["AC2"], pb::ReleaseRequest { slot_id: mine.slot_id.clone() })).await.unwrap();
+    let stolen = c
+        .release(Tokens::request(
+            &token_for["AC2"],
+            pb::ReleaseRequest {
+                slot_id: mine.slot_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
     assert!(!stolen.into_inner().released, "AC2 released AC1's slot");
-    let renew = c.renew(Tokens::request(&token_for["AC2"], pb::RenewRequest { slot_id: mine.slot_id.clone(), hold_seconds: 60 })).await;
+    let renew = c
+        .renew(Tokens::request(
+            &token_for["AC2"],
+            pb::RenewRequest {
+                slot_id: mine.slot_id.clone(),
+                hold_seconds: 60,
+            },
+        ))
+        .await;
     assert_eq!(renew.unwrap_err().code(), Code::NotFound);
-    let usage = c.get_usage(Tokens::request(&token_for["AC2"], pb::GetUsageRequest { account_id: "AC1".into(), resource: "calls".into() })).await;
+    let usage = c
+        .get_usage(Tokens::request(
+            &token_for["AC2"],
+            pb::GetUsageRequest {
+                account_id: "AC1".into(),
+                resource: "calls".into(),
+            },
+        ))
+        .await;
     assert_eq!(usage.unwrap_err().code(), Code::PermissionDenied);
     // Accounts may not raise their own limits: SetLimit is for platform tokens.
-    let limit = pb::Limit { account_id: "AC1".into(), resource: "calls".into(), max_in_flight: 1000, shadow: false };
-    let raise = c.set_limit(Tokens::request(&token_for["AC1"], pb::SetLimitRequest { limit: Some(limit) })).await;
+    let limit = pb::Limit {
+        account_id: "AC1".into(),
+        resource: "calls".into(),
+        max_in_flight: 1000,
+        shadow: false,
+    };
+    let raise = c
+        .set_limit(Tokens::request(
+            &token_for["AC1"],
+            pb::SetLimitRequest { limit: Some(limit) },
+        ))
+        .await;
     assert_eq!(raise.unwrap_err().code(), Code::PermissionDenied);
     // A token without limiter scopes is denied, naming the scope.
     let reader = Tokens::platform("AC1", &[Scope::PresenceRead]);
-    let denied = c.acquire(Tokens::request(&reader, acquire_req("AC1", "calls", "", 30, 0))).await.unwrap_err();
+    let denied = c
+        .acquire(Tokens::request(
+            &reader,
+            acquire_req("AC1", "calls", "", 30, 0),
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     assert!(denied.message().contains("limiter.acquire"));
     assert!(release(&mut c, &mine.slot_id).await);
@@ -396,12 +743,28 @@ async fn slots_survive_the_crash_of_their_owner_replica() {
     let mut cb = client(b.addr);
     a.crash();
     // B takes the shards over once A's lease expires, rebuilding the two held slots.
-    let answer = poll_until("B to serve the key after A's crash", Duration::from_secs(20), || {
-        let mut cb = cb.clone();
-        async move { cb.acquire(Tokens::request(&admin(), acquire_req("AC1", "calls", "", 60, 0))).await.ok().map(|r| r.into_inner()) }
-    })
+    let answer = poll_until(
+        "B to serve the key after A's crash",
+        Duration::from_secs(20),
+        || {
+            let mut cb = cb.clone();
+            async move {
+                cb.acquire(Tokens::request(
+                    &admin(),
+                    acquire_req("AC1", "calls", "", 60, 0),
+                ))
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+            }
+        },
+    )
     .await;
-    assert_eq!(answer.decision, pb::Decision::Rejected as i32, "the crashed owner's slots were forgotten");
+    assert_eq!(
+        answer.decision,
+        pb::Decision::Rejected as i32,
+        "the crashed owner's slots were forgotten"
+    );
     assert_eq!(answer.in_flight, 2);
     let _ = &mut cb;
     b.shutdown().await.unwrap();
@@ -411,7 +774,11 @@ async fn slots_survive_the_crash_of_their_owner_replica() {
 /// Every client counts the slots it holds in one shared counter, incremented when a grant
 /// arrives and decremented before a release is sent — so the counter never exceeds what
 /// the limiter really holds, and it must never exceed the limit.
-async fn hunt_over_admission(addrs: &[std::net::SocketAddr], run_for: Duration, disturb: impl std::future::Future<Output = ()>) {
+async fn hunt_over_admission(
+    addrs: &[std::net::SocketAddr],
+    run_for: Duration,
+    disturb: impl std::future::Future<Output = ()>,
+) {
     const LIMIT: i64 = 5;
     let mut c0 = client(addrs[0]);
     set_limit(&mut c0, "AC1", "hunt", LIMIT as u32, false).await;
@@ -428,7 +795,13 @@ async fn hunt_over_admission(addrs: &[std::net::SocketAddr], run_for: Duration, 
         let mut c = client(addrs[i % addrs.len()]);
         workers.push(tokio::spawn(async move {
             while tokio::time::Instant::now() < deadline {
-                let Ok(answer) = c.acquire(Tokens::request(&admin(), acquire_req("AC1", "hunt", "", 3, 200))).await else {
+                let Ok(answer) = c
+                    .acquire(Tokens::request(
+                        &admin(),
+                        acquire_req("AC1", "hunt", "", 3, 200),
+                    ))
+                    .await
+                else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
@@ -439,10 +812,20 @@ async fn hunt_over_admission(addrs: &[std::net::SocketAddr], run_for: Duration, 
                 grants.fetch_add(1, Ordering::Relaxed);
                 let now = held.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
-                assert!(now <= LIMIT, "over-admission: {now} slots held with a limit of {LIMIT}");
+                assert!(
+                    now <= LIMIT,
+                    "over-admission: {now} slots held with a limit of {LIMIT}"
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 held.fetch_sub(1, Ordering::SeqCst);
-                let _ = c.release(Tokens::request(&admin(), pb::ReleaseRequest { slot_id: answer.slot_id })).await;
+                let _ = c
+                    .release(Tokens::request(
+                        &admin(),
+                        pb::ReleaseRequest {
+                            slot_id: answer.slot_id,
+                        },
+                    ))
+                    .await;
             }
         }));
     }
@@ -450,8 +833,16 @@ async fn hunt_over_admission(addrs: &[std::net::SocketAddr], run_for: Duration, 
     for w in workers {
         w.await.unwrap();
     }
-    assert_eq!(peak.load(Ordering::SeqCst), LIMIT, "the hunt never reached the limit, so it proved nothing");
-    assert!(grants.load(Ordering::Relaxed) > 100, "too few grants: {}", grants.load(Ordering::Relaxed));
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        LIMIT,
+        "the hunt never reached the limit, so it proved nothing"
+    );
+    assert!(
+        grants.load(Ordering::Relaxed) > 100,
+        "too few grants: {}",
+        grants.load(Ordering::Relaxed)
+    );
 }
 
 #[tokio::test]

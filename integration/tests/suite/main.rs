@@ -4,5 +4,22 @@
 
 mod auth;
 mod etcd;
+mod guard;
+mod limiter;
+mod metrics;
+mod presence_auth;
+mod presence_reads;
+mod presence_registration;
+mod presence_relay;
+mod presence_sessions;
+mod presence_support;
+mod presence_validation;
+mod presence_watch;
+mod router_api;
+mod router_crash;
+mod router_dial;
+mod router_support;
+mod router_throughput;
+mod router_webhooks;
 mod shutdown;
 mod support;

@@ -10,7 +10,10 @@ use crate::support;
 
 async fn scrape(address: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).await.unwrap();
     text
@@ -22,24 +25,48 @@ async fn the_limiter_serves_request_and_slot_metrics() {
     let metrics_address: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let mut common = common_args(&etcd, &unique_prefix());
     common.metrics_listen = Some(metrics_address);
-    let server = support::limiter_with(limiter_svc::ServeArgs { listen: "127.0.0.1:0".parse().unwrap(), default_limit: 1, common }).await;
+    let server = support::limiter_with(limiter_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        default_limit: 1,
+        common,
+    })
+    .await;
     let mut client = LimiterServiceClient::new(support::channel(&server));
     let token = Tokens::platform("*", &[Scope::Admin]);
-    let request = || pb::AcquireRequest { account_id: "AC1".into(), resource: "calls".into(), hold_seconds: 30, ..Default::default() };
+    let request = || pb::AcquireRequest {
+        account_id: "AC1".into(),
+        resource: "calls".into(),
+        hold_seconds: 30,
+        ..Default::default()
+    };
     integration::poll_until("a grant", std::time::Duration::from_secs(10), || {
         let mut client = client.clone();
         let token = token.clone();
         async move {
-            let answer = client.acquire(Tokens::request(&token, request())).await.ok()?.into_inner();
+            let answer = client
+                .acquire(Tokens::request(&token, request()))
+                .await
+                .ok()?
+                .into_inner();
             (answer.decision == pb::Decision::Granted as i32).then_some(())
         }
     })
     .await;
-    let rejected = client.acquire(Tokens::request(&token, request())).await.unwrap().into_inner();
+    let rejected = client
+        .acquire(Tokens::request(&token, request()))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rejected.decision, pb::Decision::Rejected as i32);
-    let _ = client.acquire(tonic::Request::new(request())).await.unwrap_err();
+    let _ = client
+        .acquire(tonic::Request::new(request()))
+        .await
+        .unwrap_err();
     let text = scrape(metrics_address).await;
-    assert!(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
     for expected in [
         r#"switchboard_requests_total{method="/switchboard.limiter.v1.LimiterService/Acquire",code="OK"}"#,
         r#"switchboard_requests_total{method="/switchboard.limiter.v1.LimiterService/Acquire",code="UNAUTHENTICATED"} 1"#,

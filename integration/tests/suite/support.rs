@@ -35,7 +35,12 @@ pub async fn limiter_on(
     default_limit: u32,
 ) -> InProcess<ServeError> {
     let common = integration::common_args_for(endpoints, prefix);
-    limiter_with(limiter_svc::ServeArgs { listen: "127.0.0.1:0".parse().unwrap(), default_limit, common }).await
+    limiter_with(limiter_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        default_limit,
+        common,
+    })
+    .await
 }
 
 /// limiter-svc in-process with these flags.
@@ -67,6 +72,34 @@ pub async fn router(
     };
     serve_in_process(move |listener, stop| {
         router_svc::run(args, listener, async move {
+            let _ = stop.await;
+        })
+    })
+    .await
+}
+
+/// router-svc in-process with a presence address, an optional limiter (used for both the
+/// communications slot and the API guard), and its own flags.
+pub async fn router_with(
+    etcd: &Etcd,
+    prefix: &str,
+    presence: String,
+    limiter: Option<String>,
+    allow_private_webhooks: bool,
+    router: router_svc::RouterArgs,
+) -> InProcess<ServeError> {
+    let args = router_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        presence,
+        allow_private_webhooks,
+        guard: plumbing::guard::GuardArgs {
+            limiter,
+            guard_fail_closed: false,
+        },
+        common: common_args(etcd, prefix),
+    };
+    serve_in_process(move |listener, stop| {
+        router_svc::run_with(args, router, listener, async move {
             let _ = stop.await;
         })
     })

@@ -1,0 +1,361 @@
+//! Routing to live devices: every outcome of a Dial and every leg end reason, against real
+//! presence sessions and a real limiter.
+
+use std::time::Duration;
+
+use proto::presence::v1 as ppb;
+use proto::router::v1 as pb;
+use proto::router::v1::{LegEndReason as Leg, Outcome, TimelineEventKind as Kind};
+
+use crate::router_support::{World, kinds, leg_reasons, outcome, story};
+
+const DIAL_ALICE_BOB: &str = "<Response><Dial timeout=\"10\"><Client>alice</Client><Client><Identity>bob</Identity><Parameter name=\"queue\" value=\"vip\"/></Client></Dial></Response>";
+
+#[tokio::test]
+async fn the_first_accept_wins_and_the_other_devices_are_cancelled() {
+    let world = World::start(10).await;
+    world.inline("support", DIAL_ALICE_BOB).await;
+    let mut phone = world.device("alice", "phone").await;
+    let mut laptop = world.device("alice", "laptop").await;
+    let mut bob = world.device("bob", "desk").await;
+    let router = world.router();
+    let mut request = pb::RouteRequest {
+        account_id: "AC1".into(),
+        from: "+15550100".into(),
+        to: "support".into(),
+        communication_id: "CM-first".into(),
+        ..Default::default()
+    };
+    request
+        .parameters
+        .insert("caller_name".into(), "Carol".into());
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route_with(request).await }
+    });
+    let offer = phone.offer().await;
+    let other = laptop.offer().await;
+    let bobs = bob.offer().await;
+    assert_eq!(offer.communication_id, "CM-first");
+    assert_eq!(offer.from, "+15550100");
+    assert_eq!(offer.parameters["caller_name"], "Carol");
+    assert_eq!(bobs.parameters["queue"], "vip");
+    assert!(!offer.parameters.contains_key("queue"));
+    assert_ne!(offer.offer_id, other.offer_id);
+    laptop
+        .answer(&other, true, ppb::RejectReason::Unspecified)
+        .await;
+    let comm = routing.await.unwrap().unwrap();
+    assert_eq!(comm.state, pb::CommunicationState::Connected as i32);
+    assert_eq!(outcome(&comm), Outcome::Connected);
+    assert_eq!(
+        (
+            comm.connected_identity.as_str(),
+            comm.connected_device_id.as_str()
+        ),
+        ("alice", "laptop")
+    );
+    assert_eq!(
+        phone.cancelled().await,
+        ppb::CancelReason::AnsweredElsewhere
+    );
+    assert_eq!(bob.cancelled().await, ppb::CancelReason::AnsweredElsewhere);
+    assert_eq!(comm.legs.len(), 3);
+    let winner = comm.legs.iter().find(|l| l.device_id == "laptop").unwrap();
+    assert_eq!(winner.state, pb::LegState::Connected as i32);
+    assert!(
+        comm.legs
+            .iter()
+            .filter(|l| l.device_id != "laptop")
+            .all(|l| l.end_reason == Leg::AnsweredElsewhere as i32)
+    );
+    assert_eq!(
+        world.slots_in_flight().await,
+        1,
+        "a connected communication holds its slot"
+    );
+
+    // The caller hangs up: the connected device is told, the leg ends answered.
+    let ended = router.hangup("CM-first").await.unwrap();
+    assert_eq!(laptop.ended().await, ppb::EndReason::RemoteHangup);
+    assert_eq!(ended.state, pb::CommunicationState::Ended as i32);
+    assert_eq!(
+        outcome(&ended),
+        Outcome::Connected,
+        "stays connected after hangup"
+    );
+    let winner = ended.legs.iter().find(|l| l.device_id == "laptop").unwrap();
+    assert_eq!(winner.end_reason, Leg::Answered as i32);
+    assert_eq!(*kinds(&ended).last().unwrap(), Kind::Ended);
+    assert!(kinds(&ended).contains(&Kind::Connected));
+    assert!(kinds(&ended).contains(&Kind::Hangup));
+    assert_eq!(world.slots_in_flight().await, 0, "hangup released the slot");
+    // Hangup is idempotent and Get reads the stored record.
+    assert_eq!(
+        router.hangup("CM-first").await.unwrap().end_time,
+        ended.end_time
+    );
+    assert_eq!(
+        router.get("CM-first").await.unwrap().timeline.len(),
+        ended.timeline.len()
+    );
+}
+
+#[tokio::test]
+async fn an_identity_without_available_devices_is_offline_at_once() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "sales",
+            "<Response><Dial timeout=\"60\"><Client>nobody</Client></Dial></Response>",
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let comm = world.router().route("sales", "CM-off").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "did not wait for the dial timeout"
+    );
+    assert_eq!(outcome(&comm), Outcome::Offline);
+    assert_eq!(comm.state, pb::CommunicationState::Ended as i32);
+    assert!(comm.legs.is_empty());
+    assert!(kinds(&comm).contains(&Kind::Presence));
+    world.slots_freed(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn declines_end_rejected_and_busy_rejections_end_busy() {
+    let world = World::start(10).await;
+    world.inline("support", DIAL_ALICE_BOB).await;
+    let mut alice = world.device("alice", "phone").await;
+    let mut bob = world.device("bob", "desk").await;
+    let router = world.router();
+    for (id, reason, expected) in [
+        ("CM-rej", ppb::RejectReason::Declined, Outcome::Rejected),
+        ("CM-busy", ppb::RejectReason::Busy, Outcome::Busy),
+    ] {
+        let routing = tokio::spawn({
+            let router = router.clone();
+            async move { router.route("support", id).await }
+        });
+        let (a, b) = (alice.offer().await, bob.offer().await);
+        alice.answer(&a, false, reason).await;
+        bob.answer(&b, false, reason).await;
+        let comm = routing.await.unwrap().unwrap();
+        assert_eq!(outcome(&comm), expected, "{}", story(&comm));
+        assert_eq!(leg_reasons(&comm), vec![Leg::Rejected, Leg::Rejected]);
+    }
+    world.slots_freed(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn unanswered_offers_time_out_with_no_answer() {
+    let world = World::start(10).await;
+    world.inline("support", "<Response><Dial timeout=\"1\"><Client>alice</Client></Dial><Say>Sorry</Say></Response>").await;
+    let mut alice = world.device("alice", "phone").await;
+    let routing = tokio::spawn({
+        let router = world.router();
+        async move { router.route("support", "CM-timeout").await }
+    });
+    let offer = alice.offer().await;
+    assert!(offer.expire_time.is_some());
+    assert_eq!(alice.cancelled().await, ppb::CancelReason::Timeout);
+    let comm = routing.await.unwrap().unwrap();
+    assert_eq!(outcome(&comm), Outcome::NoAnswer);
+    assert_eq!(leg_reasons(&comm), vec![Leg::Timeout]);
+    assert!(
+        story(&comm).contains("Say: Sorry"),
+        "verbs after a Dial without action run: {}",
+        story(&comm)
+    );
+}
+
+#[tokio::test]
+async fn the_device_hanging_up_ends_the_communication() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let routing = tokio::spawn({
+        let router = world.router();
+        async move { router.route("support", "CM-devhang").await }
+    });
+    let offer = alice.offer().await;
+    alice
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    assert_eq!(
+        routing.await.unwrap().unwrap().state,
+        pb::CommunicationState::Connected as i32
+    );
+    alice.hangup("CM-devhang").await;
+    assert_eq!(alice.ended().await, ppb::EndReason::DeviceHangup);
+    let comm = world.router().ended("CM-devhang").await;
+    assert_eq!(outcome(&comm), Outcome::Connected);
+    assert_eq!(leg_reasons(&comm), vec![Leg::Answered]);
+    assert!(story(&comm).contains("hung up"), "{}", story(&comm));
+    world.slots_freed(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn the_time_limit_ends_a_connected_communication() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial timeLimit=\"1\"><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let routing = tokio::spawn({
+        let router = world.router();
+        async move { router.route("support", "CM-limit").await }
+    });
+    let offer = alice.offer().await;
+    alice
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    routing.await.unwrap().unwrap();
+    assert_eq!(alice.ended().await, ppb::EndReason::TimeLimit);
+    let comm = world.router().ended("CM-limit").await;
+    assert!(story(&comm).contains("time limit"), "{}", story(&comm));
+    assert_eq!(leg_reasons(&comm), vec![Leg::Answered]);
+}
+
+#[tokio::test]
+async fn a_hangup_while_ringing_cancels_the_offers() {
+    let world = World::start(10).await;
+    world.inline("support", "<Response><Dial timeout=\"30\" action=\"/never\"><Client>alice</Client></Dial></Response>").await;
+    let mut alice = world.device("alice", "phone").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-cancel").await }
+    });
+    alice.offer().await;
+    let ended = router.hangup("CM-cancel").await.unwrap();
+    assert_eq!(alice.cancelled().await, ppb::CancelReason::CallerCanceled);
+    assert_eq!(outcome(&ended), Outcome::Canceled);
+    assert_eq!(leg_reasons(&ended), vec![Leg::CallerCanceled]);
+    let routed = routing.await.unwrap().unwrap();
+    assert_eq!(outcome(&routed), Outcome::Canceled);
+    world.slots_freed(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_device_that_disconnects_while_ringing_ends_its_leg_offline() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial timeout=\"30\"><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let routing = tokio::spawn({
+        let router = world.router();
+        async move { router.route("support", "CM-gone").await }
+    });
+    alice.offer().await;
+    drop(alice);
+    let comm = routing.await.unwrap().unwrap();
+    assert_eq!(outcome(&comm), Outcome::Offline, "{}", story(&comm));
+    assert_eq!(leg_reasons(&comm), vec![Leg::Offline]);
+}
+
+#[tokio::test]
+async fn over_the_limit_route_is_busy_at_once_with_the_reason() {
+    let world = World::start(10).await;
+    world.set_limit(1).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let router = world.router();
+    let first = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-one").await }
+    });
+    let offer = alice.offer().await;
+    alice
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    first.await.unwrap().unwrap();
+    let second = router.route("support", "CM-two").await.unwrap();
+    assert_eq!(outcome(&second), Outcome::Busy);
+    assert_eq!(kinds(&second)[1], Kind::Limit);
+    assert!(story(&second).contains("1 of 1"), "{}", story(&second));
+    router.hangup("CM-one").await.unwrap();
+    assert_eq!(alice.ended().await, ppb::EndReason::RemoteHangup);
+    let third = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-three").await }
+    });
+    let offer = alice.offer().await;
+    alice
+        .answer(&offer, false, ppb::RejectReason::Declined)
+        .await;
+    assert_eq!(
+        outcome(&third.await.unwrap().unwrap()),
+        Outcome::Rejected,
+        "the slot was freed by the hangup"
+    );
+}
+
+#[tokio::test]
+async fn route_is_idempotent_by_communication_id_across_replicas() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let other = world.another_router().await;
+    let (here, there) = (world.router(), crate::router_support::Router::new(&other));
+    let first = tokio::spawn({
+        let here = here.clone();
+        async move { here.route("support", "CM-idem").await }
+    });
+    let offer = alice.offer().await;
+    // A retry on the other replica joins the same communication and waits like the first.
+    let retry = tokio::spawn({
+        let there = there.clone();
+        async move { there.route("support", "CM-idem").await }
+    });
+    alice
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    let (a, b) = (first.await.unwrap().unwrap(), retry.await.unwrap().unwrap());
+    assert_eq!(a.communication_id, b.communication_id);
+    assert_eq!(b.state, pb::CommunicationState::Connected as i32);
+    assert_eq!(b.legs.len(), 1, "routed once");
+    let mut changed = pb::RouteRequest {
+        account_id: "AC1".into(),
+        from: "+15559999".into(),
+        to: "support".into(),
+        communication_id: "CM-idem".into(),
+        ..Default::default()
+    };
+    let conflict = there.route_with(changed.clone()).await.unwrap_err();
+    assert_eq!(conflict.code(), tonic::Code::AlreadyExists);
+    // Hangup through the other replica reaches the owner.
+    let ended = there.hangup("CM-idem").await.unwrap();
+    assert_eq!(ended.state, pb::CommunicationState::Ended as i32);
+    assert_eq!(alice.ended().await, ppb::EndReason::RemoteHangup);
+    changed.from = "+15550100".into();
+    let again = there.route_with(changed).await.unwrap();
+    assert_eq!(
+        again.end_time, ended.end_time,
+        "a retry after the end returns the ended communication"
+    );
+    other.shutdown().await.unwrap();
+}

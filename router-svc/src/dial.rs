@@ -1,0 +1,398 @@
+//! `<Dial><Client>…`: read the presence of every dialled identity, offer the communication
+//! to every available live device at once (one `SessionRelayService.Offer` stream per leg,
+//! straight to the presence replica holding the session), let the first accept win and
+//! cancel the rest, then carry the connected leg until the device hangs up, the time limit
+//! passes or the caller hangs up.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use proto::presence::v1 as ppb;
+use proto::presence::v1::offer_request::Kind as Ask;
+use proto::router::v1::TimelineEventKind as Kind;
+use proto::router::v1::{CommunicationState as State, LegEndReason, LegState, Outcome};
+use tokio::sync::mpsc;
+
+use crate::legs::{LegLink, LegNews};
+use crate::live::HangupSource;
+use crate::model::{add_leg, end_leg, event, now_ms, set_state, timestamp};
+use crate::runner::Runner;
+use crate::xml::Dial;
+
+/// How long the presence read may take.
+const PRESENCE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How a Dial ended.
+#[derive(Debug)]
+pub struct DialResult {
+    /// The outcome of this attempt.
+    pub outcome: Outcome,
+    /// Identity that answered, if any.
+    pub identity: String,
+    /// Seconds connected.
+    pub duration_secs: u64,
+    /// Set when the caller hung up (or the router is stopping) during the Dial.
+    pub hangup: Option<HangupSource>,
+}
+
+/// One device to ring.
+struct Target {
+    identity: String,
+    device_id: String,
+    replica: String,
+    parameters: HashMap<String, String>,
+}
+
+impl Runner {
+    /// Executes a Dial.
+    pub(crate) async fn dial(&mut self, dial: &Dial) -> DialResult {
+        let identities: Vec<String> = dial.clients.iter().map(|c| c.identity.clone()).collect();
+        self.note(
+            Kind::Instruction,
+            format!("Dial {} (timeout {}s)", identities.join(", "), dial.timeout),
+            &[
+                ("verb", "Dial".into()),
+                ("clients", identities.join(",")),
+                ("timeout", dial.timeout.to_string()),
+                ("time_limit", dial.time_limit.to_string()),
+                ("action", dial.action.clone().unwrap_or_default()),
+            ],
+        );
+        let targets = match self.available(dial).await {
+            Ok(targets) => targets,
+            Err(why) => {
+                self.note(Kind::Error, why, &[]);
+                return self.attempt(Outcome::Failed);
+            }
+        };
+        if targets.is_empty() {
+            return self.attempt(Outcome::Offline);
+        }
+        self.ring(dial, targets).await
+    }
+
+    /// Sets this attempt's outcome and returns it.
+    fn attempt(&self, outcome: Outcome) -> DialResult {
+        self.change(|c| {
+            c.outcome = outcome as i32;
+            set_state(c, State::Routing);
+        });
+        DialResult {
+            outcome,
+            identity: String::new(),
+            duration_secs: 0,
+            hangup: None,
+        }
+    }
+
+    /// Reads presence; the available live devices to ring.
+    async fn available(&self, dial: &Dial) -> Result<Vec<Target>, String> {
+        let mut presence = self.engine.peers.presence().map_err(|e| e.to_string())?;
+        let request = ppb::BatchGetPresenceRequest {
+            account_id: self.comm.account.clone(),
+            identities: dial.clients.iter().map(|c| c.identity.clone()).collect(),
+            min_revision: 0,
+        };
+        let answer = tokio::time::timeout(PRESENCE_DEADLINE, presence.batch_get_presence(request))
+            .await
+            .map_err(|_| "presence did not answer within 3 s".to_owned())?
+            .map_err(|s| format!("presence lookup failed: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let base = self.comm.read(|c| c.parameters.clone());
+        let mut targets = Vec::new();
+        for (client, identity) in dial.clients.iter().zip(answer.presences) {
+            let status = ppb::Status::try_from(identity.status).unwrap_or(ppb::Status::Offline);
+            let live: Vec<&ppb::Device> = identity
+                .devices
+                .iter()
+                .filter(|d| d.status == ppb::Status::Available as i32)
+                .filter(|d| d.connection_kind == ppb::ConnectionKind::Stream as i32)
+                .collect();
+            self.note(
+                Kind::Presence,
+                format!(
+                    "{} is {} with {} available live device(s) of {}",
+                    client.identity,
+                    status
+                        .as_str_name()
+                        .trim_start_matches("STATUS_")
+                        .to_lowercase(),
+                    live.len(),
+                    identity.devices.len()
+                ),
+                &[
+                    ("identity", client.identity.clone()),
+                    ("status", status.as_str_name().to_owned()),
+                    ("available_devices", live.len().to_string()),
+                ],
+            );
+            for device in live {
+                let mut parameters = base.clone();
+                parameters.extend(client.parameters.clone());
+                targets.push(Target {
+                    identity: client.identity.clone(),
+                    device_id: device.device_id.clone(),
+                    replica: device.replica.clone(),
+                    parameters,
+                });
+            }
+        }
+        Ok(targets)
+    }
+
+    /// Rings every target; the first accept wins.
+    async fn ring(&mut self, dial: &Dial, targets: Vec<Target>) -> DialResult {
+        let (events_tx, mut events) = mpsc::channel::<(usize, LegNews)>(targets.len() * 4 + 4);
+        let expires = now_ms() + i64::from(dial.timeout) * 1000;
+        let mut legs = Vec::new();
+        let comm = self.comm.snapshot();
+        for target in targets {
+            let leg_id = format!(
+                "{}.{}",
+                comm.communication_id,
+                self.comm.read(|c| c.legs.len()) + 1
+            );
+            let index = self.change(|c| {
+                set_state(c, State::Ringing);
+                let index = add_leg(c, &leg_id, &target.identity, &target.device_id);
+                event(
+                    c,
+                    Kind::LegStarted,
+                    format!("offered to {}/{}", target.identity, target.device_id),
+                    &leg_id,
+                    &[
+                        ("identity", target.identity.clone()),
+                        ("device_id", target.device_id.clone()),
+                    ],
+                );
+                index
+            });
+            let start = ppb::OfferStart {
+                account_id: comm.account_id.clone(),
+                identity: target.identity.clone(),
+                device_id: target.device_id.clone(),
+                offer_id: leg_id,
+                communication_id: comm.communication_id.clone(),
+                from: comm.from.clone(),
+                to: comm.to.clone(),
+                channel: comm.channel.clone(),
+                parameters: target.parameters,
+                expire_time: Some(timestamp(expires)),
+            };
+            legs.push(self.open_leg(legs.len(), index, &target.replica, start, events_tx.clone()));
+        }
+        drop(events_tx);
+        let deadline = tokio::time::sleep(Duration::from_secs(dial.timeout.into()));
+        tokio::pin!(deadline);
+        let mut busy = 0usize;
+        let winner = loop {
+            if legs.iter().all(|l| self.leg_ended(l)) {
+                break None;
+            }
+            tokio::select! {
+                heard = events.recv() => {
+                    let Some((slot, heard)) = heard else { break None };
+                    match heard {
+                        LegNews::Answered { accept: true, .. } => break Some(slot),
+                        LegNews::Answered { busy: is_busy, .. } => {
+                            busy += usize::from(is_busy);
+                            let why = if is_busy { "busy" } else { "declined" };
+                            self.change(|c| end_leg(c, legs[slot].index, LegEndReason::Rejected, why));
+                        }
+                        LegNews::Delivered => {}
+                        other => self.leg_lost(legs[slot].index, other),
+                    }
+                }
+                _ = &mut deadline => {
+                    for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
+                        leg.cancel(ppb::CancelReason::Timeout);
+                        self.change(|c| end_leg(c, leg.index, LegEndReason::Timeout, ""));
+                    }
+                    break None;
+                }
+                source = self.comm.hangup_requested() => {
+                    let (cancel, reason) = match source {
+                        HangupSource::Api(_) => (ppb::CancelReason::CallerCanceled, LegEndReason::CallerCanceled),
+                        HangupSource::Shutdown => (ppb::CancelReason::Failed, LegEndReason::Failed),
+                    };
+                    for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
+                        leg.cancel(cancel);
+                        self.change(|c| end_leg(c, leg.index, reason, ""));
+                    }
+                    let outcome = if matches!(source, HangupSource::Api(_)) { Outcome::Canceled } else { Outcome::Failed };
+                    let mut result = self.attempt(outcome);
+                    result.hangup = Some(source);
+                    return result;
+                }
+            }
+        };
+        let Some(winner) = winner else {
+            return self.attempt(self.unanswered(busy));
+        };
+        self.connected(dial, legs, winner, events).await
+    }
+
+    fn leg_ended(&self, leg: &LegLink) -> bool {
+        self.comm.read(|c| {
+            c.legs
+                .get(leg.index)
+                .is_none_or(|l| l.state == LegState::Ended as i32)
+        })
+    }
+
+    /// A leg stopped without an answer: offline, or failed.
+    fn leg_lost(&self, index: usize, heard: LegNews) {
+        let (reason, why) = match heard {
+            LegNews::Gone(reason) => {
+                let why = ppb::LeaveReason::try_from(reason).map_or("gone", |r| r.as_str_name());
+                (
+                    LegEndReason::Offline,
+                    format!("the device's session ended ({why})"),
+                )
+            }
+            LegNews::Failed(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::NotFound
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::Unavailable
+                ) =>
+            {
+                (
+                    LegEndReason::Offline,
+                    format!("{:?}: {}", status.code(), status.message()),
+                )
+            }
+            LegNews::Failed(status) => (
+                LegEndReason::Failed,
+                format!("{:?}: {}", status.code(), status.message()),
+            ),
+            _ => (LegEndReason::Offline, "the offer stream ended".to_owned()),
+        };
+        self.change(|c| end_leg(c, index, reason, &why));
+    }
+
+    /// The outcome when nobody accepted.
+    fn unanswered(&self, busy: usize) -> Outcome {
+        self.comm.read(|c| {
+            let reasons: Vec<i32> = c.legs.iter().map(|l| l.end_reason).collect();
+            let rejected = reasons
+                .iter()
+                .filter(|r| **r == LegEndReason::Rejected as i32)
+                .count();
+            if reasons.contains(&(LegEndReason::Timeout as i32)) {
+                Outcome::NoAnswer
+            } else if rejected > busy {
+                Outcome::Rejected
+            } else if busy > 0 {
+                Outcome::Busy
+            } else if reasons.contains(&(LegEndReason::Failed as i32))
+                && !reasons.contains(&(LegEndReason::Offline as i32))
+            {
+                Outcome::Failed
+            } else {
+                Outcome::Offline
+            }
+        })
+    }
+
+    /// Carries the winning leg until the communication on it ends.
+    async fn connected(
+        &mut self,
+        dial: &Dial,
+        legs: Vec<LegLink>,
+        winner: usize,
+        mut events: mpsc::Receiver<(usize, LegNews)>,
+    ) -> DialResult {
+        let index = legs[winner].index;
+        let (identity, device) = self.change(|c| {
+            let leg = &mut c.legs[index];
+            leg.state = LegState::Connected as i32;
+            leg.answer_time = Some(timestamp(now_ms()));
+            let (identity, device, leg_id) = (
+                leg.identity.clone(),
+                leg.device_id.clone(),
+                leg.leg_id.clone(),
+            );
+            c.connected_identity = identity.clone();
+            c.connected_device_id = device.clone();
+            c.connect_time = Some(timestamp(now_ms()));
+            c.outcome = Outcome::Connected as i32;
+            set_state(c, State::Connected);
+            event(
+                c,
+                Kind::Connected,
+                format!("connected to {identity}/{device}"),
+                &leg_id,
+                &[
+                    ("identity", identity.clone()),
+                    ("device_id", device.clone()),
+                ],
+            );
+            (identity, device)
+        });
+        for leg in legs
+            .iter()
+            .filter(|l| l.index != index && !self.leg_ended(l))
+        {
+            leg.cancel(ppb::CancelReason::AnsweredElsewhere);
+            self.change(|c| end_leg(c, leg.index, LegEndReason::AnsweredElsewhere, ""));
+        }
+        let started = Instant::now();
+        let limit = tokio::time::sleep(Duration::from_secs(dial.time_limit.into()));
+        tokio::pin!(limit);
+        let mut hangup = None;
+        let why = loop {
+            tokio::select! {
+                heard = events.recv() => match heard {
+                    Some((slot, LegNews::Answered { accept: true, .. })) if slot != winner => {
+                        // Lost the race: the device is told its accept came too late.
+                        legs[slot].cancel(ppb::CancelReason::AnsweredElsewhere);
+                    }
+                    Some((slot, _)) if slot != winner => {}
+                    Some((_, LegNews::Hangup)) => break format!("{identity}/{device} hung up"),
+                    Some((_, LegNews::Gone(_))) => break format!("{identity}/{device} went offline"),
+                    Some((_, LegNews::Delivered | LegNews::Answered { .. })) => {}
+                    Some((_, LegNews::Failed(status))) => break format!("the leg failed: {}", status.message()),
+                    Some((_, LegNews::Closed)) | None => break "the leg's stream ended".to_owned(),
+                },
+                _ = &mut limit => {
+                    legs[winner].tell(Ask::End(ppb::OfferEnd { reason: ppb::EndReason::TimeLimit as i32 }));
+                    break format!("the time limit of {}s was reached", dial.time_limit);
+                }
+                source = self.comm.hangup_requested() => {
+                    let reason = match source {
+                        HangupSource::Api(_) => ppb::EndReason::RemoteHangup,
+                        HangupSource::Shutdown => ppb::EndReason::Failed,
+                    };
+                    legs[winner].tell(Ask::End(ppb::OfferEnd { reason: reason as i32 }));
+                    let why = match &source {
+                        HangupSource::Api(reason) if !reason.is_empty() => format!("the caller hung up: {reason}"),
+                        HangupSource::Api(_) => "the caller hung up".to_owned(),
+                        HangupSource::Shutdown => "the router replica is stopping".to_owned(),
+                    };
+                    hangup = Some(source);
+                    break why;
+                }
+            }
+        };
+        let leg_id = self.comm.read(|c| c.legs[index].leg_id.clone());
+        self.change(|c| {
+            event(
+                c,
+                Kind::Hangup,
+                why.clone(),
+                &leg_id,
+                &[("reason", why.clone())],
+            );
+            end_leg(c, index, LegEndReason::Answered, "");
+            set_state(c, State::Routing);
+        });
+        DialResult {
+            outcome: Outcome::Connected,
+            identity,
+            duration_secs: started.elapsed().as_secs(),
+            hangup,
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! One leg of a Dial on the wire: a `SessionRelayService.Offer` stream to the presence
+//! replica holding the device's session, run by a task that reports what it hears, and the
+//! handle the Dial uses to cancel or end the leg. Dropping the handle half-closes the
+//! stream, which presence treats as a failed offer (the device is told).
+
+use proto::presence::v1 as ppb;
+use proto::presence::v1::offer_request::Kind as Ask;
+use proto::presence::v1::offer_response::Kind as Heard;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+use crate::runner::Runner;
+
+/// What a leg's task reports.
+pub(crate) enum LegNews {
+    Delivered,
+    Answered { accept: bool, busy: bool },
+    Hangup,
+    Gone(i32),
+    Failed(tonic::Status),
+    Closed,
+}
+
+impl LegNews {
+    pub(crate) fn from(heard: Heard) -> Self {
+        match heard {
+            Heard::Delivered(_) => LegNews::Delivered,
+            Heard::Answered(answer) => LegNews::Answered {
+                accept: answer.accept,
+                busy: answer.reject_reason == ppb::RejectReason::Busy as i32,
+            },
+            Heard::Hangup(_) => LegNews::Hangup,
+            Heard::Gone(gone) => LegNews::Gone(gone.reason),
+        }
+    }
+}
+
+/// A ringing or connected leg, as the Dial sees it.
+pub(crate) struct LegLink {
+    pub(crate) index: usize,
+    requests: mpsc::Sender<ppb::OfferRequest>,
+}
+
+impl LegLink {
+    pub(crate) fn tell(&self, kind: Ask) {
+        let _ = self
+            .requests
+            .try_send(ppb::OfferRequest { kind: Some(kind) });
+    }
+
+    pub(crate) fn cancel(&self, reason: ppb::CancelReason) {
+        self.tell(Ask::Cancel(ppb::OfferCancel {
+            reason: reason as i32,
+        }));
+    }
+}
+
+impl Runner {
+    /// Opens one leg's offer stream on a task that reports what it hears.
+    pub(crate) fn open_leg(
+        &self,
+        slot: usize,
+        index: usize,
+        replica: &str,
+        start: ppb::OfferStart,
+        events: mpsc::Sender<(usize, LegNews)>,
+    ) -> LegLink {
+        let (requests, outgoing) = mpsc::channel(4);
+        let link = LegLink { index, requests };
+        link.tell(Ask::Start(start));
+        let relay = self.engine.peers.relay(replica);
+        // The leg's calls carry the communication's trace context.
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let mut relay = match relay {
+                    Ok(relay) => relay,
+                    Err(err) => {
+                        let _ = events
+                            .send((
+                                slot,
+                                LegNews::Failed(tonic::Status::unavailable(err.to_string())),
+                            ))
+                            .await;
+                        return;
+                    }
+                };
+                let mut stream = match relay.offer(ReceiverStream::new(outgoing)).await {
+                    Ok(response) => response.into_inner(),
+                    Err(status) => {
+                        let _ = events.send((slot, LegNews::Failed(status))).await;
+                        return;
+                    }
+                };
+                loop {
+                    let heard = match stream.message().await {
+                        Ok(Some(message)) => match message.kind {
+                            Some(kind) => LegNews::from(kind),
+                            None => continue,
+                        },
+                        Ok(None) => LegNews::Closed,
+                        Err(status) => LegNews::Failed(status),
+                    };
+                    let last = matches!(heard, LegNews::Failed(_) | LegNews::Closed);
+                    if events.send((slot, heard)).await.is_err() || last {
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        link
+    }
+}

@@ -1,0 +1,124 @@
+//! The services the router calls — limiter-svc, presence-svc (presence reads and, on the
+//! replica holding each device's session, offer delivery) and other router replicas (to
+//! reach the owner of a communication) — with platform tokens minted here and the trace
+//! context carried by [`CallCredentials`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use plumbing::auth::Scope;
+use plumbing::client::CallCredentials;
+use plumbing::config::CommonArgs;
+use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
+use proto::presence::v1::presence_service_client::PresenceServiceClient;
+use proto::presence::v1::session_relay_service_client::SessionRelayServiceClient;
+use proto::router::v1::router_service_client::RouterServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// A channel with call credentials.
+pub type Authed = InterceptedService<Channel, CallCredentials>;
+
+/// Metadata on a call one router replica forwards to the owner of a communication, so the
+/// owner never forwards it again.
+pub const FORWARDED: &str = "x-switchboard-forwarded";
+
+/// Why a peer cannot be called.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    /// No platform secret: the router cannot sign calls.
+    #[error("the router has no platform secret (--platform-secret) to call other services with")]
+    NoCredentials,
+    /// The address is not usable.
+    #[error("bad address `{address}`: {reason}")]
+    Address {
+        /// The address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Clients of the router's peers.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    credentials: Option<CallCredentials>,
+    limiter: Option<String>,
+    presence: String,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    /// Peers at `presence` and `limiter`, signing with the platform key of `common`.
+    pub fn new(common: &CommonArgs, presence: String, limiter: Option<String>) -> Self {
+        let credentials = common
+            .platform_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|secret| {
+                CallCredentials::platform(
+                    &common.platform_key_id,
+                    secret.as_bytes(),
+                    &[
+                        Scope::LimiterAcquire,
+                        Scope::PresenceRead,
+                        Scope::RouterRoute,
+                    ],
+                )
+            });
+        Self {
+            credentials,
+            limiter: limiter.filter(|l| !l.is_empty()),
+            presence,
+            channels: Arc::default(),
+        }
+    }
+
+    fn authed(&self, address: &str) -> Result<Authed, PeerError> {
+        let credentials = self.credentials.clone().ok_or(PeerError::NoCredentials)?;
+        let channel = {
+            let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+            match channels.get(address) {
+                Some(channel) => channel.clone(),
+                None => {
+                    let channel =
+                        plumbing::client::channel(address).map_err(|e| PeerError::Address {
+                            address: address.to_owned(),
+                            reason: e.to_string(),
+                        })?;
+                    channels.insert(address.to_owned(), channel.clone());
+                    channel
+                }
+            }
+        };
+        Ok(InterceptedService::new(channel, credentials))
+    }
+
+    /// The limiter, when one is configured.
+    pub fn limiter(&self) -> Option<Result<LimiterServiceClient<Authed>, PeerError>> {
+        self.limiter
+            .as_deref()
+            .map(|address| self.authed(address).map(LimiterServiceClient::new))
+    }
+
+    /// Presence reads.
+    pub fn presence(&self) -> Result<PresenceServiceClient<Authed>, PeerError> {
+        self.authed(&self.presence).map(PresenceServiceClient::new)
+    }
+
+    /// Offer delivery on the presence replica at `address` (the one holding the session),
+    /// or through the configured presence address when it is unknown.
+    pub fn relay(&self, address: &str) -> Result<SessionRelayServiceClient<Authed>, PeerError> {
+        let address = if address.is_empty() {
+            self.presence.as_str()
+        } else {
+            address
+        };
+        self.authed(address).map(SessionRelayServiceClient::new)
+    }
+
+    /// Another router replica.
+    pub fn router(&self, address: &str) -> Result<RouterServiceClient<Authed>, PeerError> {
+        self.authed(address).map(RouterServiceClient::new)
+    }
+}

@@ -1,0 +1,142 @@
+//! The limiter slot a communication holds (resource `communications`) from routing until it
+//! ends. The slot's hold is short and renewed while the communication lasts, so the slots
+//! of a router replica that dies free themselves within that hold, like its records.
+
+use std::time::Duration;
+
+use proto::limiter::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::peers::Peers;
+
+/// The limiter resource of communications.
+pub const RESOURCE: &str = "communications";
+/// How long the router waits for the limiter.
+const LIMITER_DEADLINE: Duration = Duration::from_secs(3);
+
+/// The limiter's answer for a new communication.
+#[derive(Debug)]
+pub enum Admission {
+    /// A slot is held (renewed until released or dropped).
+    Granted(Slot),
+    /// No limiter is configured: communications are not limited.
+    Unlimited,
+    /// The account is at its limit.
+    Busy {
+        /// Slots in flight.
+        in_flight: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The limiter could not be asked; with why.
+    Unreachable(String),
+}
+
+/// A held slot. Dropping it releases it in the background.
+#[derive(Debug)]
+pub struct Slot {
+    id: String,
+    peers: Peers,
+    renewing: CancellationToken,
+    released: bool,
+}
+
+/// Asks for a slot for `account`, idempotent per communication id.
+pub async fn acquire(
+    peers: &Peers,
+    account: &str,
+    communication_id: &str,
+    hold: Duration,
+) -> Admission {
+    let Some(limiter) = peers.limiter() else {
+        return Admission::Unlimited;
+    };
+    let mut limiter = match limiter {
+        Ok(limiter) => limiter,
+        Err(err) => return Admission::Unreachable(err.to_string()),
+    };
+    let request = pb::AcquireRequest {
+        account_id: account.to_owned(),
+        resource: RESOURCE.to_owned(),
+        request_id: communication_id.to_owned(),
+        hold_seconds: hold.as_secs() as u32,
+        wait_timeout_ms: 0,
+    };
+    let answer = match tokio::time::timeout(LIMITER_DEADLINE, limiter.acquire(request)).await {
+        Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Err(status)) => {
+            return Admission::Unreachable(format!("{:?}: {}", status.code(), status.message()));
+        }
+        Err(_) => return Admission::Unreachable("no answer within 3 s".into()),
+    };
+    if answer.decision != pb::Decision::Granted as i32 {
+        return Admission::Busy {
+            in_flight: answer.in_flight,
+            limit: answer.limit,
+        };
+    }
+    let renewing = CancellationToken::new();
+    tokio::spawn(renew(
+        peers.clone(),
+        answer.slot_id.clone(),
+        hold,
+        renewing.clone(),
+    ));
+    Admission::Granted(Slot {
+        id: answer.slot_id,
+        peers: peers.clone(),
+        renewing,
+        released: false,
+    })
+}
+
+impl Slot {
+    /// Releases the slot and waits (briefly) for the limiter to confirm.
+    pub async fn release(mut self) {
+        self.released = true;
+        self.renewing.cancel();
+        let _ = tokio::time::timeout(LIMITER_DEADLINE, release(&self.peers, &self.id)).await;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.renewing.cancel();
+        let (peers, id) = (self.peers.clone(), std::mem::take(&mut self.id));
+        tokio::spawn(async move { release(&peers, &id).await });
+    }
+}
+
+async fn release(peers: &Peers, slot_id: &str) {
+    let Some(Ok(mut limiter)) = peers.limiter() else {
+        return;
+    };
+    let request = pb::ReleaseRequest {
+        slot_id: slot_id.to_owned(),
+    };
+    if let Err(status) = limiter.release(request).await {
+        tracing::warn!(code = ?status.code(), "could not release a communication slot; it expires by itself");
+    }
+}
+
+async fn renew(peers: Peers, slot_id: String, hold: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(hold / 3) => {}
+        }
+        let Some(Ok(mut limiter)) = peers.limiter() else {
+            return;
+        };
+        let request = pb::RenewRequest {
+            slot_id: slot_id.clone(),
+            hold_seconds: hold.as_secs() as u32,
+        };
+        if let Err(status) = limiter.renew(request).await {
+            tracing::warn!(code = ?status.code(), "could not renew a communication slot");
+        }
+    }
+}

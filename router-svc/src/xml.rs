@@ -1,0 +1,300 @@
+//! Instructions: the XML `<Response>` documents applications answer with, parsed by a real
+//! XML parser (quick-xml) under hard bounds, then interpreted into [`Verb`]s.
+//!
+//! Bounds make hostile documents cheap to refuse: at most [`MAX_DOCUMENT`] bytes (checked
+//! before parsing), no DTD at all (so no entity definitions: billion-laughs and external
+//! entities cannot even be expressed), only the five predefined entities and character
+//! references, nesting at most [`MAX_DEPTH`], at most [`MAX_ELEMENTS`] elements. Parsing
+//! builds a small tree first ([`Element`]) so that interpretation sees a whole, valid
+//! document or nothing: a document with an unknown verb runs no verb at all.
+
+use std::collections::BTreeMap;
+
+use self::tree::{Element, Node, parse_tree};
+
+/// Largest document accepted, in bytes.
+pub const MAX_DOCUMENT: usize = 64 * 1024;
+/// Deepest element nesting accepted.
+pub const MAX_DEPTH: usize = 8;
+/// Most elements in one document.
+pub const MAX_ELEMENTS: usize = 1000;
+/// Most `Client` nouns in one `Dial`.
+pub const MAX_CLIENTS: usize = 20;
+/// Most parameters of one `Client`.
+pub const MAX_PARAMETERS: usize = 32;
+/// Dial `timeout` default and bounds, seconds.
+pub const DIAL_TIMEOUT: (u32, u32, u32) = (30, 1, 600);
+/// Dial `timeLimit` default and bounds, seconds.
+pub const TIME_LIMIT: (u32, u32, u32) = (14_400, 1, 86_400);
+/// Pause `length` default and bounds, seconds.
+pub const PAUSE_LENGTH: (u32, u32, u32) = (1, 0, 60);
+
+/// An HTTP method for a URL the instructions name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET, parameters in the query.
+    Get,
+    /// POST, parameters as a form body.
+    Post,
+}
+
+impl Method {
+    /// `GET` or `POST`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        }
+    }
+}
+
+/// How `<Reject>` refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// `reason="busy"`.
+    Busy,
+    /// `reason="rejected"` (the default).
+    Rejected,
+}
+
+/// One instruction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verb {
+    /// Text to speak; recorded in the timeline.
+    Say {
+        /// The text.
+        text: String,
+        /// Its attributes (voice, language, loop), recorded as given.
+        attributes: BTreeMap<String, String>,
+    },
+    /// Wait this many seconds.
+    Pause {
+        /// Seconds.
+        length: u32,
+    },
+    /// Refuse the communication.
+    Reject {
+        /// Why.
+        reason: RejectReason,
+    },
+    /// End the communication.
+    Hangup,
+    /// Fetch new instructions from a URL.
+    Redirect {
+        /// The URL, possibly relative.
+        url: String,
+        /// The method, if given.
+        method: Option<Method>,
+    },
+    /// Ring clients.
+    Dial(Dial),
+}
+
+impl Verb {
+    /// The verb's element name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verb::Say { .. } => "Say",
+            Verb::Pause { .. } => "Pause",
+            Verb::Reject { .. } => "Reject",
+            Verb::Hangup => "Hangup",
+            Verb::Redirect { .. } => "Redirect",
+            Verb::Dial(_) => "Dial",
+        }
+    }
+}
+
+/// `<Dial>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dial {
+    /// Seconds to ring before giving up.
+    pub timeout: u32,
+    /// URL asked what to do when the Dial ends.
+    pub action: Option<String>,
+    /// Method for `action`.
+    pub method: Option<Method>,
+    /// Longest connected duration, seconds.
+    pub time_limit: u32,
+    /// Who to ring.
+    pub clients: Vec<ClientNoun>,
+}
+
+/// `<Client>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientNoun {
+    /// The identity to ring.
+    pub identity: String,
+    /// Parameters passed to the devices in the offer.
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// Why a document was refused; `Display` is the message for the timeline or the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid instructions: {0}")]
+pub struct XmlError(pub String);
+
+pub(crate) fn err<T>(message: impl Into<String>) -> Result<T, XmlError> {
+    Err(XmlError(message.into()))
+}
+
+/// Parses and interprets a document.
+pub fn parse(document: &str) -> Result<Vec<Verb>, XmlError> {
+    let root = parse_tree(document)?;
+    if root.name != "Response" {
+        return err(format!(
+            "the root element must be <Response>, not <{}>",
+            root.name
+        ));
+    }
+    let mut verbs = Vec::new();
+    for child in &root.children {
+        match child {
+            Node::Text(text) if text.trim().is_empty() => {}
+            Node::Text(_) => return err("<Response> may only contain verbs, not text"),
+            Node::Element(element) => verbs.push(verb(element)?),
+        }
+    }
+    Ok(verbs)
+}
+
+fn verb(element: &Element) -> Result<Verb, XmlError> {
+    match element.name.as_str() {
+        "Say" => Ok(Verb::Say {
+            text: element.text()?,
+            attributes: element.attributes.clone(),
+        }),
+        "Pause" => {
+            element.no_children()?;
+            Ok(Verb::Pause {
+                length: element.number("length", PAUSE_LENGTH)?,
+            })
+        }
+        "Reject" => {
+            element.no_children()?;
+            let reason = match element.attribute("reason") {
+                None | Some("rejected") => RejectReason::Rejected,
+                Some("busy") => RejectReason::Busy,
+                Some(other) => {
+                    return err(format!(
+                        "<Reject reason=\"{other}\">: reason must be busy or rejected"
+                    ));
+                }
+            };
+            Ok(Verb::Reject { reason })
+        }
+        "Hangup" => {
+            element.no_children()?;
+            Ok(Verb::Hangup)
+        }
+        "Redirect" => {
+            let url = element.text()?;
+            if url.is_empty() {
+                return err("<Redirect> must contain the URL to fetch");
+            }
+            Ok(Verb::Redirect {
+                url,
+                method: element.method()?,
+            })
+        }
+        "Dial" => dial(element).map(Verb::Dial),
+        other => err(format!(
+            "unknown verb <{other}>; known verbs: Dial, Say, Pause, Reject, Hangup, Redirect"
+        )),
+    }
+}
+
+fn dial(element: &Element) -> Result<Dial, XmlError> {
+    if element.has_text() {
+        return err(
+            "<Dial> with a number or address as text is not supported; dial identities with <Client>",
+        );
+    }
+    let mut clients = Vec::new();
+    for noun in element.elements() {
+        if noun.name != "Client" {
+            return err(format!(
+                "<Dial> may only contain <Client>, not <{}>",
+                noun.name
+            ));
+        }
+        clients.push(client(noun)?);
+    }
+    if clients.is_empty() {
+        return err("<Dial> must contain at least one <Client>");
+    }
+    if clients.len() > MAX_CLIENTS {
+        return err(format!(
+            "<Dial> may contain at most {MAX_CLIENTS} <Client> nouns"
+        ));
+    }
+    let action = element
+        .attribute("action")
+        .map(str::trim)
+        .map(str::to_owned);
+    if action.as_deref() == Some("") {
+        return err("<Dial action=\"\">: action must be a URL when present");
+    }
+    Ok(Dial {
+        timeout: element.number("timeout", DIAL_TIMEOUT)?,
+        action,
+        method: element.method()?,
+        time_limit: element.number("timeLimit", TIME_LIMIT)?,
+        clients,
+    })
+}
+
+fn client(noun: &Element) -> Result<ClientNoun, XmlError> {
+    let mut identity = None;
+    let mut parameters = BTreeMap::new();
+    if noun.elements().next().is_none() {
+        identity = Some(noun.text()?);
+    } else {
+        if noun.has_text() {
+            return err("<Client> has both text and <Identity>/<Parameter> children");
+        }
+        for child in noun.elements() {
+            match child.name.as_str() {
+                "Identity" if identity.is_none() => identity = Some(child.text()?),
+                "Identity" => return err("<Client> may contain only one <Identity>"),
+                "Parameter" => {
+                    let (Some(name), Some(value)) =
+                        (child.attribute("name"), child.attribute("value"))
+                    else {
+                        return err("<Parameter> needs both name and value attributes");
+                    };
+                    if name.is_empty() || name.chars().count() > 64 || value.chars().count() > 1024
+                    {
+                        return err(
+                            "<Parameter>: name must be 1 to 64 characters and value at most 1024",
+                        );
+                    }
+                    parameters.insert(name.to_owned(), value.to_owned());
+                }
+                other => {
+                    return err(format!(
+                        "<Client> may only contain <Identity> and <Parameter>, not <{other}>"
+                    ));
+                }
+            }
+        }
+    }
+    let identity = identity.unwrap_or_default();
+    plumbing::validate::name("Client", &identity, plumbing::validate::NAME_MAX)
+        .map_err(|e| XmlError(format!("<Client> identity `{identity}`: {}", e.rule)))?;
+    if parameters.len() > MAX_PARAMETERS {
+        return err(format!(
+            "<Client> may have at most {MAX_PARAMETERS} <Parameter>s"
+        ));
+    }
+    Ok(ClientNoun {
+        identity,
+        parameters,
+    })
+}
+
+#[path = "xml_tree.rs"]
+mod tree;
+
+#[cfg(test)]
+#[path = "xml_tests.rs"]
+mod tests;
