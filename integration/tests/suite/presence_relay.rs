@@ -36,6 +36,7 @@ async fn an_offer_through_another_replica_is_accepted_and_hung_up_by_the_device(
     let holder = support::presence(&etcd, &prefix).await;
     let other = support::presence(&etcd, &prefix).await;
     let tenant = Tenant::create(&holder, "AC1").await;
+    tenant.known_to(&other).await;
     let alice = tenant.device("alice");
     let mut device = Session::hello(support::channel(&holder), &alice, "phone").await;
     // The other replica's cache must know where the device is.
@@ -175,6 +176,7 @@ async fn offers_to_devices_without_a_session_fail_fast_with_distinct_errors() {
     let a = support::presence(&etcd, &prefix).await;
     let b = support::presence(&etcd, &prefix).await;
     let tenant = Tenant::create(&a, "AC1").await;
+    tenant.known_to(&b).await;
     let alice = tenant.device("alice");
     let (via_a, via_b) = (support::channel(&a), support::channel(&b));
 
