@@ -499,8 +499,14 @@ impl ServiceProcess {
 
     /// Starts `name` with `args` on a free port, against `etcd` under `prefix`.
     pub async fn start(name: &str, etcd: &Etcd, prefix: &str, args: &[&str]) -> Self {
+        Self::start_with_env(name, etcd, prefix, args, &[]).await
+    }
+
+    /// Like [`ServiceProcess::start`], with extra environment variables.
+    pub async fn start_with_env(name: &str, etcd: &Etcd, prefix: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(Self::binary(name))
+            .envs(env.iter().copied())
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--etcd")

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use proto::router::v1 as pb;
 use proto::router::v1::CommunicationState as State;
@@ -103,7 +104,9 @@ impl Engine {
             }
         }
         let runner = Runner::new(self.clone(), live.clone(), app);
-        tokio::spawn(runner.run());
+        // The runner outlives the Route call but belongs to its trace: limiter and presence
+        // spans of this communication join the caller's trace.
+        tokio::spawn(runner.run().instrument(tracing::Span::current()));
         Ok(Found::Here(live))
     }
 
