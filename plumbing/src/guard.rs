@@ -66,26 +66,48 @@ pub struct GuardLayer {
 
 impl std::fmt::Debug for GuardLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuardLayer").field("fail_closed", &self.fail_closed).finish_non_exhaustive()
+        f.debug_struct("GuardLayer")
+            .field("fail_closed", &self.fail_closed)
+            .finish_non_exhaustive()
     }
 }
 
 impl GuardLayer {
     /// A guard calling limiter-svc at `address`, signing with the platform key.
-    pub fn new(address: &str, credentials: CallCredentials, fail_closed: bool) -> Result<Self, tonic::transport::Error> {
-        let limiter = LimiterServiceClient::with_interceptor(crate::client::channel(address)?, credentials);
-        Ok(Self { limiter, fail_closed, fail_open: Arc::default() })
+    pub fn new(
+        address: &str,
+        credentials: CallCredentials,
+        fail_closed: bool,
+    ) -> Result<Self, tonic::transport::Error> {
+        let limiter =
+            LimiterServiceClient::with_interceptor(crate::client::channel(address)?, credentials);
+        Ok(Self {
+            limiter,
+            fail_closed,
+            fail_open: Arc::default(),
+        })
     }
 
     /// The guard configured by `args`, if a limiter address was given.
-    pub fn from_args(args: &GuardArgs, common: &crate::config::CommonArgs) -> Result<Option<Self>, tonic::transport::Error> {
-        let (Some(address), Some(secret)) = (args.limiter.as_deref(), common.platform_secret.as_deref()) else {
+    pub fn from_args(
+        args: &GuardArgs,
+        common: &crate::config::CommonArgs,
+    ) -> Result<Option<Self>, tonic::transport::Error> {
+        let (Some(address), Some(secret)) =
+            (args.limiter.as_deref(), common.platform_secret.as_deref())
+        else {
             if args.limiter.is_some() {
-                tracing::warn!("the API guard needs --platform-secret to call the limiter; the API is unguarded");
+                tracing::warn!(
+                    "the API guard needs --platform-secret to call the limiter; the API is unguarded"
+                );
             }
             return Ok(None);
         };
-        let credentials = CallCredentials::platform(&common.platform_key_id, secret.as_bytes(), &[Scope::LimiterAcquire]);
+        let credentials = CallCredentials::platform(
+            &common.platform_key_id,
+            secret.as_bytes(),
+            &[Scope::LimiterAcquire],
+        );
         Self::new(address, credentials, args.guard_fail_closed).map(Some)
     }
 
@@ -99,7 +121,10 @@ impl<S> Layer<S> for GuardLayer {
     type Service = GuardService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GuardService { inner, guard: self.clone() }
+        GuardService {
+            inner,
+            guard: self.clone(),
+        }
     }
 }
 
@@ -112,7 +137,10 @@ pub struct GuardService<S> {
 
 impl<S, B> Service<http::Request<B>> for GuardService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -143,7 +171,12 @@ where
                 Admission::Granted(slot) => {
                     let held = HeldSlot::start(guard.limiter.clone(), slot);
                     let response = inner.call(request).await?;
-                    Ok(response.map(|body| tonic::body::Body::new(GuardedBody { inner: body, _held: held })))
+                    Ok(response.map(|body| {
+                        tonic::body::Body::new(GuardedBody {
+                            inner: body,
+                            _held: held,
+                        })
+                    }))
                 }
                 Admission::Open => inner.call(request).await,
                 Admission::Refused(status) => Ok(status.into_http()),
@@ -197,7 +230,9 @@ impl GuardLayer {
     fn unreachable(&self, why: &str) -> Admission {
         if self.fail_closed {
             tracing::warn!(%why, "API guard: limiter unreachable; refusing (fail closed)");
-            return Admission::Refused(tonic::Status::unavailable("the concurrency limiter is unreachable; retry"));
+            return Admission::Refused(tonic::Status::unavailable(
+                "the concurrency limiter is unreachable; retry",
+            ));
         }
         let count = self.fail_open.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(%why, fail_open_total = count, "API guard: limiter unreachable; letting the request through (fail open)");
@@ -222,13 +257,20 @@ impl HeldSlot {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(RENEW_EVERY) => {}
                 }
-                let renew = pb::RenewRequest { slot_id: id.clone(), hold_seconds: HOLD_SECS };
+                let renew = pb::RenewRequest {
+                    slot_id: id.clone(),
+                    hold_seconds: HOLD_SECS,
+                };
                 if let Err(status) = client.renew(renew).await {
                     tracing::debug!(code = ?status.code(), "API guard: could not renew a stream's slot");
                 }
             }
         });
-        Self { slot, limiter, renewing }
+        Self {
+            slot,
+            limiter,
+            renewing,
+        }
     }
 }
 
@@ -254,7 +296,10 @@ impl Body for GuardedBody {
     type Data = Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -67,10 +67,24 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("switchboard");
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
-        registry.register("requests", "gRPC requests handled, by method and status code", requests.clone());
-        registry.register("request_duration_seconds", "gRPC request latency until the response headers (streams: until they end)", latency.clone());
-        Self { registry: Arc::new(Mutex::new(registry)), requests, latency }
+        let latency = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "requests",
+            "gRPC requests handled, by method and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "gRPC request latency until the response headers (streams: until they end)",
+            latency.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            requests,
+            latency,
+        }
     }
 
     /// Registers a service's own metric (name without the `switchboard_` prefix).
@@ -93,12 +107,23 @@ impl Metrics {
 
     /// The layer recording request metrics.
     pub fn layer(&self) -> MetricsLayer {
-        MetricsLayer { metrics: self.clone() }
+        MetricsLayer {
+            metrics: self.clone(),
+        }
     }
 
     fn record(&self, method: &str, code: &str, started: Instant) {
-        self.requests.get_or_create(&RequestLabels { method: method.to_owned(), code: code.to_owned() }).inc();
-        self.latency.get_or_create(&MethodLabels { method: method.to_owned() }).observe(started.elapsed().as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_owned(),
+                code: code.to_owned(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -112,27 +137,39 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, stop: CancellationTo
         let Ok((stream, _)) = accepted else { continue };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let response = if request.uri().path() == "/metrics" {
-                        hyper::Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(http_body_util::Full::new(Bytes::from(metrics.encode())))
-                    } else {
-                        hyper::Response::builder().status(404).body(http_body_util::Full::new(Bytes::from_static(b"see /metrics\n")))
-                    };
-                    Ok::<_, Infallible>(response.unwrap_or_default())
-                }
-            });
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let response = if request.uri().path() == "/metrics" {
+                            hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(http_body_util::Full::new(Bytes::from(metrics.encode())))
+                        } else {
+                            hyper::Response::builder()
+                                .status(404)
+                                .body(http_body_util::Full::new(Bytes::from_static(
+                                    b"see /metrics\n",
+                                )))
+                        };
+                        Ok::<_, Infallible>(response.unwrap_or_default())
+                    }
+                },
+            );
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
         });
     }
 }
 
 /// Binds `address` and serves metrics there in the background.
-pub async fn start(address: SocketAddr, metrics: Metrics, stop: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn start(
+    address: SocketAddr,
+    metrics: Metrics,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(serve(listener, metrics, stop));
@@ -150,7 +187,10 @@ impl<S> Layer<S> for MetricsLayer {
     type Service = MetricsService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        MetricsService { inner, metrics: self.metrics.clone() }
+        MetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -163,7 +203,10 @@ pub struct MetricsService<S> {
 
 impl<S, B> Service<http::Request<B>> for MetricsService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -188,7 +231,12 @@ where
                 metrics.record(&method, code_name(code.as_bytes()), started);
                 return Ok(response);
             }
-            let observed = Observed { metrics, method, started, done: false };
+            let observed = Observed {
+                metrics,
+                method,
+                started,
+                done: false,
+            };
             Ok(response.map(|inner| tonic::body::Body::new(ObservedBody { inner, observed })))
         })
     }
@@ -226,7 +274,10 @@ impl Body for ObservedBody {
     type Data = Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -252,7 +303,10 @@ impl Body for ObservedBody {
 }
 
 fn code_name(raw: &[u8]) -> &'static str {
-    let code = std::str::from_utf8(raw).ok().and_then(|t| t.parse::<i32>().ok()).unwrap_or(2);
+    let code = std::str::from_utf8(raw)
+        .ok()
+        .and_then(|t| t.parse::<i32>().ok())
+        .unwrap_or(2);
     match tonic::Code::from_i32(code) {
         tonic::Code::Ok => "OK",
         tonic::Code::Cancelled => "CANCELLED",
