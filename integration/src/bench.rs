@@ -1,1 +1,119 @@
-//! The benchmark (filled in by the limiter issue).
+//! The benchmark of DESIGN.md §6, run by `scripts/bench <scenario>` (the `bench` binary).
+//!
+//! Each scenario starts its own world — a single-member etcd **with fsync on** on free
+//! loopback ports and the real release service binaries (`target/release/*-svc`, next to
+//! the `bench` executable) — drives it with closed-loop callers from this process, prints
+//! one markdown table row per measurement, and stops everything at the end (every child
+//! process is also killed when dropped, so an error or a panic leaves nothing behind).
+//!
+//! Every measurement of a run uses the same shape: `--concurrency` callers, each a task
+//! looping one operation; callers share HTTP/2 channels (or etcd clients), one per
+//! [`CALLERS_PER_CHANNEL`] callers of the same target; `--warmup` seconds are run and
+//! discarded, then `--duration` seconds are measured. Throughput counts the operations that
+//! completed inside the measured window; latencies are those operations' (nearest-rank
+//! percentiles over every sample, no histogram buckets). Every operation has a deadline
+//! ([`OP_TIMEOUT`]); a failed operation is counted as an error (reported with its gRPC code
+//! and message), not as a sample, and its caller pauses briefly before looping.
+//!
+//! Scenarios are functions registered in [`SCENARIOS`]; `all` runs every one in turn.
+//! After the table come the headline figures, one `ratio NAME VALUE` line each.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+mod baseline;
+mod limiter;
+mod load;
+mod report;
+mod stack;
+mod sys;
+
+pub use report::Report;
+
+/// Any failure of the benchmark; it aborts the run with this message.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+/// Result of the benchmark's steps.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Callers sharing one HTTP/2 channel (or one etcd client), in every measurement.
+pub const CALLERS_PER_CHANNEL: usize = 8;
+/// Deadline of one measured operation (an acquire+release pair counts as one).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings shared by every measurement of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Concurrent callers.
+    pub concurrency: usize,
+    /// Measured time per measurement.
+    pub duration: Duration,
+    /// Discarded time before each measurement.
+    pub warmup: Duration,
+}
+
+/// A scenario: a name for the command line and the function that measures it.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// What `bench <name>` selects.
+    pub name: &'static str,
+    /// One line for the usage text.
+    pub about: &'static str,
+    /// Starts its world, measures, adds rows and ratios to the report, stops its world.
+    pub run: for<'a> fn(&'a Options, &'a mut Report) -> BoxFuture<'a, Result<()>>,
+}
+
+/// Every scenario, in the order `all` runs them.
+pub const SCENARIOS: &[Scenario] = &[Scenario {
+    name: "limiter",
+    about: "limiter-svc (3 replicas) against the naive etcd semaphore and the RPC ceiling",
+    run: run_limiter,
+}];
+
+fn run_limiter<'a>(options: &'a Options, report: &'a mut Report) -> BoxFuture<'a, Result<()>> {
+    Box::pin(limiter::run(options, report))
+}
+
+/// The scenarios `selection` names (`all`: every one), or `None` when it names none.
+pub fn select(selection: &str) -> Option<Vec<Scenario>> {
+    if selection == "all" {
+        return Some(SCENARIOS.to_vec());
+    }
+    SCENARIOS
+        .iter()
+        .find(|s| s.name == selection)
+        .map(|s| vec![*s])
+}
+
+/// The list of scenarios for usage texts.
+pub fn scenario_list() -> String {
+    let mut text = String::new();
+    for scenario in SCENARIOS {
+        let _ = writeln!(text, "  {:<10} {}", scenario.name, scenario.about);
+    }
+    let _ = writeln!(text, "  {:<10} every scenario above, in turn", "all");
+    text
+}
+
+/// Runs `scenarios`, printing the report to stdout as it goes (progress goes to stderr).
+pub async fn run(scenarios: &[Scenario], options: &Options, command: &str) -> Result<Report> {
+    if options.concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
+    if options.duration.is_zero() {
+        return Err("--duration must be more than 0".into());
+    }
+    let mut report = Report::start(options, command);
+    for scenario in scenarios {
+        progress(format_args!("scenario {}", scenario.name));
+        (scenario.run)(options, &mut report).await?;
+    }
+    report.finish();
+    Ok(report)
+}
+
+/// A progress line on stderr.
+pub(crate) fn progress(message: std::fmt::Arguments<'_>) {
+    eprintln!("[bench] {message}");
+}

@@ -1,0 +1,115 @@
+//! The two baselines of DESIGN.md §6, measured in the same run as the service they judge:
+//! the RPC ceiling (`grpc.health.v1.Health/Check`, no auth, no work) and the naive etcd
+//! semaphore (one txn put-if-absent to acquire, one delete to release).
+
+use std::net::SocketAddr;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::load::{self, Plan, Sample, Worker};
+use super::stack::{Stack, WindowFacts};
+use super::{OP_TIMEOUT, Options, Result};
+
+/// `code: message` of a failed call, bounded in length.
+pub fn status_text(status: &tonic::Status) -> String {
+    let text = format!("{:?}: {}", status.code(), status.message());
+    text.chars().take(160).collect()
+}
+
+/// A gRPC channel to `addr` (lazy: it connects on first use).
+pub fn channel(addr: SocketAddr) -> Result<Channel> {
+    Ok(plumbing::client::channel(&addr.to_string())?)
+}
+
+struct HealthWorker(HealthClient<Channel>);
+
+impl Worker for HealthWorker {
+    async fn call(&mut self) -> std::result::Result<(), String> {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(OP_TIMEOUT);
+        let answer = self.0.check(request).await.map_err(|s| status_text(&s))?;
+        if answer.get_ref().status == ServingStatus::Serving as i32 {
+            Ok(())
+        } else {
+            Err(format!("health status {}", answer.get_ref().status))
+        }
+    }
+}
+
+/// Health/Check on `addr` from every caller.
+pub async fn rpc_ceiling(
+    options: &Options,
+    stack: &Stack,
+    addr: SocketAddr,
+) -> Result<(Sample, WindowFacts)> {
+    let clients = load::share(options.concurrency, 1, |_| async move {
+        Ok(HealthClient::new(channel(addr)?))
+    })
+    .await?;
+    let workers = clients
+        .into_iter()
+        .map(|(_, client)| HealthWorker(client))
+        .collect();
+    let plan = Plan::new(options);
+    let window = stack.watch_window(&plan).await?;
+    let sample = load::drive(&plan, workers).await?;
+    Ok((sample, window.finish().await?))
+}
+
+struct NaiveWorker {
+    client: etcd_client::Client,
+    prefix: String,
+    sequence: u64,
+}
+
+impl Worker for NaiveWorker {
+    async fn call(&mut self) -> std::result::Result<(), String> {
+        self.sequence += 1;
+        let key = format!("{}{}", self.prefix, self.sequence);
+        // Acquire: create the slot key only if it does not exist.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), "held", None)]);
+        let answer = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(|err| format!("etcd txn: {err}"))?;
+        if !answer.succeeded() {
+            return Err("naive acquire: slot key already existed".to_owned());
+        }
+        // Release: delete it.
+        self.client
+            .delete(key.as_str(), None)
+            .await
+            .map_err(|err| format!("etcd delete: {err}"))?;
+        Ok(())
+    }
+}
+
+/// Acquire+release pairs of the naive semaphore, directly on etcd. Returns the sample and
+/// what etcd and the processes did during the measured window.
+pub async fn naive_etcd(options: &Options, stack: &Stack) -> Result<(Sample, WindowFacts)> {
+    let clients = load::share(options.concurrency, 1, |_| stack.etcd_client()).await?;
+    let run = format!("{:08x}", std::process::id());
+    let workers: Vec<NaiveWorker> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(caller, (_, client))| NaiveWorker {
+            client,
+            prefix: format!("/bench-naive/slots/{run}-{caller}-"),
+            sequence: 0,
+        })
+        .collect();
+    let plan = Plan::new(options);
+    let window = stack.watch_window(&plan).await?;
+    let sample = load::drive(&plan, workers).await?;
+    let facts = window.finish().await?;
+    Ok((sample, facts))
+}

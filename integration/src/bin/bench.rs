@@ -1,0 +1,101 @@
+//! `bench <scenario> [--concurrency N] [--duration SECS] [--warmup SECS]`: the benchmark of
+//! DESIGN.md §6 (see `integration::bench` and docs/BENCHMARKS.md). Run it through
+//! `scripts/bench`, which builds the release binaries it starts.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use integration::bench::{self, Options};
+
+/// Benchmarks Switchboard against real etcd (fsync on) and the release service binaries.
+#[derive(Debug, Parser)]
+#[command(name = "bench", after_help = after_help())]
+struct Cli {
+    /// Which scenario to run (see below).
+    scenario: String,
+
+    /// Concurrent callers, the same for every measurement of the run.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+
+    /// Measured seconds per measurement.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+
+    /// Discarded seconds before each measurement.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+}
+
+fn after_help() -> String {
+    format!("Scenarios:\n{}", bench::scenario_list())
+}
+
+fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value).map_err(|_| format!("{flag} {value}: not a duration"))
+}
+
+fn options(cli: &Cli) -> Result<Options, String> {
+    let duration = seconds("--duration", cli.duration)?;
+    if duration.is_zero() {
+        return Err("--duration must be more than 0".to_owned());
+    }
+    if cli.concurrency == 0 {
+        return Err("--concurrency must be at least 1".to_owned());
+    }
+    Ok(Options {
+        concurrency: cli.concurrency,
+        duration,
+        warmup: seconds("--warmup", cli.warmup)?,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(scenarios) = bench::select(&cli.scenario) else {
+        eprintln!(
+            "bench: unknown scenario `{}`\n\nusage: bench <scenario> [--concurrency N] \
+             [--duration SECS] [--warmup SECS]\n\nScenarios:\n{}",
+            cli.scenario,
+            bench::scenario_list()
+        );
+        return ExitCode::from(2);
+    };
+    let options = match options(&cli) {
+        Ok(options) => options,
+        Err(err) => {
+            eprintln!("bench: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("bench: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // On SIGINT/SIGTERM the run is dropped: its child processes are killed and its
+    // temporary folders removed.
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = bench::run(&scenarios, &options, &command) => outcome.map(drop),
+            () = plumbing::server::shutdown_signal() => Err("interrupted".into()),
+        }
+    });
+    // Child processes are killed when their handles drop; shut down before exiting.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bench: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
