@@ -10,8 +10,9 @@
 //! ([`table::SlotTable`]) — exact counts, FIFO queues, idempotency by `request_id` — so a
 //! rejection costs no etcd request at all, and grants and releases are group-committed: the
 //! engine ([`engine`]) packs whatever accumulated while the previous txn was in flight into
-//! one txn of up to [`engine::MAX_TXN_OPS`] operations. Thousands of slot operations a
-//! second cost tens of etcd requests. Other replicas forward to the owner
+//! one txn of up to [`engine::MAX_TXN_OPS`] operations, with at most two txns in flight
+//! (a slot is never in two at once, and a shard is reloaded only when none of its txns is
+//! in flight). Thousands of slot operations a second cost hundreds of etcd requests. Other replicas forward to the owner
 //! (`LimiterPeerService`, [`routing`], [`relay`]).
 //!
 //! **etcd key layout** (under `--etcd-prefix`, default `/switchboard`):

@@ -39,6 +39,9 @@ use store::{Write, commit};
 
 /// etcd's default `--max-txn-ops` is 128; leave room for the fencing compares' sake.
 pub const MAX_TXN_OPS: usize = 120;
+/// Slot txns one engine keeps in flight at once: the next batch need not wait for the
+/// previous commit, and etcd shares one fsync among concurrent txns.
+const MAX_TXNS_IN_FLIGHT: usize = 2;
 /// How often expiries and queue deadlines are checked.
 const TICK: Duration = Duration::from_millis(20);
 /// Keys idle this long are forgotten (with their usage counters).
@@ -91,6 +94,45 @@ enum Event {
     },
 }
 
+/// What the txns in flight touch.
+#[derive(Debug, Default)]
+struct InFlight {
+    txns: usize,
+    slots: HashSet<SlotId>,
+    per_shard: HashMap<u16, usize>,
+}
+
+impl InFlight {
+    fn begin(&mut self, writes: &[Write]) {
+        self.txns += 1;
+        for write in writes {
+            self.slots.insert(write.id().clone());
+            *self.per_shard.entry(write.shard()).or_default() += 1;
+        }
+    }
+
+    /// Ends a txn; returns the shards that no longer have a write in flight.
+    fn end(&mut self, writes: &[Write]) -> Vec<u16> {
+        self.txns = self.txns.saturating_sub(1);
+        let mut drained = Vec::new();
+        for write in writes {
+            self.slots.remove(write.id());
+            if let Some(count) = self.per_shard.get_mut(&write.shard()) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_shard.remove(&write.shard());
+                    drained.push(write.shard());
+                }
+            }
+        }
+        drained
+    }
+
+    fn touches(&self, shard: u16) -> bool {
+        self.per_shard.contains_key(&shard)
+    }
+}
+
 /// Starts the engine task.
 pub fn start(config: EngineConfig) -> EngineHandle {
     let (tx, rx) = mpsc::channel(4096);
@@ -103,7 +145,8 @@ pub fn start(config: EngineConfig) -> EngineHandle {
         table: SlotTable::default(),
         pending: Vec::new(),
         acks: HashMap::new(),
-        committing: false,
+        in_flight: InFlight::default(),
+        loading: HashSet::new(),
         leases: HashMap::new(),
         owned: owned_tx,
         events: events_tx,
@@ -120,7 +163,10 @@ struct Engine {
     table: SlotTable<Reply<AcquireReply>>,
     pending: Vec<Write>,
     acks: HashMap<SlotId, Vec<Ack>>,
-    committing: bool,
+    /// Txns being committed, and what they touch.
+    in_flight: InFlight,
+    /// Shards whose reload read is under way.
+    loading: HashSet<u16>,
     /// Bucket lease per expiry second.
     leases: HashMap<u64, i64>,
     owned: watch::Sender<Vec<u16>>,
@@ -163,7 +209,7 @@ impl Engine {
                     }
                 }
             }
-            if !self.committing && !self.pending.is_empty() {
+            if self.in_flight.txns < MAX_TXNS_IN_FLIGHT && !self.pending.is_empty() {
                 self.start_commit();
             }
         }
@@ -387,7 +433,11 @@ impl Engine {
         let mut rest = Vec::new();
         let mut seen = HashSet::new();
         for write in self.pending.drain(..) {
-            if batch.len() < MAX_TXN_OPS && seen.insert(write.id().clone()) {
+            // A slot already in a txn in flight waits, so writes of one slot apply in order.
+            if batch.len() < MAX_TXN_OPS
+                && !self.in_flight.slots.contains(write.id())
+                && seen.insert(write.id().clone())
+            {
                 batch.push(write);
             } else {
                 rest.push(write);
@@ -410,7 +460,7 @@ impl Engine {
         if batch.is_empty() {
             return;
         }
-        self.committing = true;
+        self.in_flight.begin(&batch);
         self.config.stats.batch_size.observe(batch.len() as f64);
         let latency = self.config.stats.txn_seconds.clone();
         let commit = commit(
@@ -439,7 +489,7 @@ impl Engine {
                 leases,
                 result,
             } => {
-                self.committing = false;
+                let drained = self.in_flight.end(&writes);
                 self.leases.extend(leases);
                 match result {
                     Ok(()) => {
@@ -463,6 +513,11 @@ impl Engine {
                             self.reload(shard);
                         }
                     }
+                }
+                // A reload waits until no txn of its shard is in flight, so it reads
+                // everything any of them committed.
+                for shard in drained {
+                    self.start_reload_if_waiting(shard);
                 }
             }
             Event::Loaded { shard, result } => self.on_loaded(shard, result),

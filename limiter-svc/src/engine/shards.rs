@@ -124,6 +124,20 @@ impl Engine {
             EngineError::Unavailable(format!("shard {shard} is reloading")),
         );
         self.shards[usize::from(shard)] = ShardState::Reloading { claim_revision };
+        self.start_reload_if_waiting(shard);
+        self.publish_owned();
+    }
+
+    /// Reads a reloading shard back once none of its txns is in flight any more (a txn
+    /// still in flight may yet commit, and the reload must see it).
+    pub(super) fn start_reload_if_waiting(&mut self, shard: u16) {
+        let ShardState::Reloading { claim_revision } = self.shards[usize::from(shard)] else {
+            return;
+        };
+        if self.in_flight.touches(shard) || self.loading.contains(&shard) {
+            return;
+        }
+        self.loading.insert(shard);
         spawn_load(
             shard,
             load_shard(
@@ -133,7 +147,6 @@ impl Engine {
             ),
             &self.events,
         );
-        self.publish_owned();
     }
 
     pub(super) fn on_loaded(
@@ -141,6 +154,7 @@ impl Engine {
         shard: u16,
         result: Result<Option<(i64, Vec<Slot>)>, EtcdError>,
     ) {
+        self.loading.remove(&shard);
         let state = self.shards[usize::from(shard)];
         match (state, result) {
             (
@@ -163,6 +177,7 @@ impl Engine {
                     Fence::Owned(claim_revision),
                 );
                 let events = self.events.clone();
+                self.loading.insert(shard);
                 tokio::spawn(async move {
                     tokio::time::sleep(RELOAD_BACKOFF).await;
                     let result = load.await;
