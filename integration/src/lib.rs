@@ -503,7 +503,13 @@ impl ServiceProcess {
     }
 
     /// Like [`ServiceProcess::start`], with extra environment variables.
-    pub async fn start_with_env(name: &str, etcd: &Etcd, prefix: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub async fn start_with_env(
+        name: &str,
+        etcd: &Etcd,
+        prefix: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(Self::binary(name))
             .envs(env.iter().copied())
