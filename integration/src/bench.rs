@@ -26,7 +26,9 @@ use futures::future::BoxFuture;
 mod baseline;
 mod limiter;
 mod load;
+mod presence;
 mod report;
+mod router;
 mod stack;
 mod sys;
 
@@ -65,14 +67,36 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order `all` runs them.
-pub const SCENARIOS: &[Scenario] = &[Scenario {
-    name: "limiter",
-    about: "limiter-svc (3 replicas) against the naive etcd semaphore and the RPC ceiling",
-    run: run_limiter,
-}];
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "limiter",
+        about: "limiter-svc (3 replicas) against the naive etcd semaphore and the RPC ceiling",
+        run: run_limiter,
+    },
+    Scenario {
+        name: "presence",
+        about: "presence-svc (1 replica): reads against the RPC ceiling, registrations, \
+                watch latency, 50,000 Connect sessions and their memory",
+        run: run_presence,
+    },
+    Scenario {
+        name: "router",
+        about: "router-svc with presence-svc and limiter-svc: communications routed end to \
+                end per second (route → offer → auto-answer → hangup)",
+        run: run_router,
+    },
+];
 
 fn run_limiter<'a>(options: &'a Options, report: &'a mut Report) -> BoxFuture<'a, Result<()>> {
     Box::pin(limiter::run(options, report))
+}
+
+fn run_presence<'a>(options: &'a Options, report: &'a mut Report) -> BoxFuture<'a, Result<()>> {
+    Box::pin(presence::run(options, report))
+}
+
+fn run_router<'a>(options: &'a Options, report: &'a mut Report) -> BoxFuture<'a, Result<()>> {
+    Box::pin(router::run(options, report))
 }
 
 /// The scenarios `selection` names (`all`: every one), or `None` when it names none.

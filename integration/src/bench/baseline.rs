@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use plumbing::auth::Scope;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -13,6 +15,52 @@ use tonic_health::pb::health_client::HealthClient;
 use super::load::{self, Plan, Sample, Worker};
 use super::stack::{Stack, WindowFacts};
 use super::{OP_TIMEOUT, Options, Result};
+use crate::{PLATFORM_KEY_ID, PLATFORM_SECRET, Tokens};
+
+/// Lifetime of the benchmark's tokens (the contract's maximum is 24 h).
+const TOKEN_TTL: i64 = 23 * 3_600;
+
+/// An `authorization: Bearer …` value, minted once (a platform token, HS256, verified by
+/// the services on every call as in production).
+#[derive(Clone)]
+pub struct Auth(MetadataValue<Ascii>);
+
+impl Auth {
+    /// A platform token for every account (`*`) with `scopes`.
+    pub fn platform(scopes: &[Scope]) -> Result<Self> {
+        Self::platform_for("*", scopes)
+    }
+
+    /// A platform token naming `account` with `scopes`.
+    pub fn platform_for(account: &str, scopes: &[Scope]) -> Result<Self> {
+        let token = Tokens::signed(
+            PLATFORM_KEY_ID,
+            PLATFORM_SECRET,
+            account,
+            None,
+            scopes,
+            TOKEN_TTL,
+        );
+        Ok(Self(format!("Bearer {token}").parse()?))
+    }
+
+    /// `message` with the token and the operation deadline ([`OP_TIMEOUT`]).
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = self.stream_request(message);
+        request.set_timeout(OP_TIMEOUT);
+        request
+    }
+
+    /// `message` with the token and no deadline (for streams that stay open: a
+    /// `grpc-timeout` would end them).
+    pub fn stream_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        request
+    }
+}
 
 /// `code: message` of a failed call, bounded in length.
 pub fn status_text(status: &tonic::Status) -> String {

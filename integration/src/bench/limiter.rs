@@ -15,15 +15,13 @@ use plumbing::auth::Scope;
 use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
 use proto::limiter::v1::{AcquireRequest, Decision, Limit, ReleaseRequest, SetLimitRequest};
 use tokio::time::Instant;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
-use super::baseline::{self, channel, status_text};
+use super::baseline::{self, Auth, channel, status_text};
 use super::load::{self, Plan, Sample, Worker};
 use super::report::{Goal, Row};
 use super::stack::{Stack, WindowFacts};
 use super::{OP_TIMEOUT, Options, Report, Result, progress};
-use crate::{PLATFORM_KEY_ID, PLATFORM_SECRET, Tokens};
 
 /// Limiter replicas.
 const REPLICAS: usize = 3;
@@ -41,39 +39,8 @@ const HOLD_SECONDS: u32 = 60;
 const BLOCKER_HOLD_SECONDS: u32 = 3_600;
 /// Bound on getting the replicas ready (limits seen, every shard owned).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Cores other processes may use during a measurement before the report warns.
-const NOISE_CORES: f64 = 0.2;
-/// Lifetime of the benchmark's tokens (the contract's maximum is 24 h).
-const TOKEN_TTL: i64 = 23 * 3_600;
 
 type Client = LimiterServiceClient<Channel>;
-
-/// An `authorization: Bearer …` value, minted once.
-#[derive(Clone)]
-struct Auth(MetadataValue<Ascii>);
-
-impl Auth {
-    fn platform(scopes: &[Scope]) -> Result<Self> {
-        let token = Tokens::signed(
-            PLATFORM_KEY_ID,
-            PLATFORM_SECRET,
-            "*",
-            None,
-            scopes,
-            TOKEN_TTL,
-        );
-        Ok(Self(format!("Bearer {token}").parse()?))
-    }
-
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        request.set_timeout(OP_TIMEOUT);
-        request
-    }
-}
 
 fn account(index: usize) -> String {
     format!("AC_bench_{}", index % ACCOUNTS)
@@ -131,7 +98,7 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
 
     progress(format_args!("measuring rpc_ceiling"));
     let (ceiling, ceiling_facts) = baseline::rpc_ceiling(options, stack, addrs[0]).await?;
-    ensure_progress("rpc_ceiling", &ceiling)?;
+    load::ensure_progress("rpc_ceiling", &ceiling)?;
     report.row(Row {
         name: "rpc_ceiling".to_owned(),
         rate: ceiling.rate(),
@@ -142,13 +109,13 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
             "grpc.health.v1.Health/Check on limiter-svc#1, no auth; {}; {}{}",
             ceiling_facts.cpu,
             ceiling.error_note(),
-            server_errors(&ceiling_facts)
+            ceiling_facts.server_errors()
         ),
     });
 
     progress(format_args!("measuring naive_etcd_semaphore"));
     let (naive, naive_facts) = baseline::naive_etcd(options, stack).await?;
-    ensure_progress("naive_etcd_semaphore", &naive)?;
+    load::ensure_progress("naive_etcd_semaphore", &naive)?;
     report.row(Row {
         name: "naive_etcd_semaphore".to_owned(),
         rate: naive.rate(),
@@ -157,7 +124,7 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
         p99: naive.percentile(0.99),
         notes: format!(
             "per pair: txn put-if-absent + delete, straight on etcd; {}; {}; {}; {}",
-            writes_per(&naive_facts, &naive, "pair"),
+            naive_facts.writes_per(&naive, "pair"),
             naive_facts.etcd_note(naive.seconds),
             naive_facts.cpu,
             naive.error_note()
@@ -166,7 +133,7 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
 
     progress(format_args!("measuring limiter_pairs"));
     let (pairs, pairs_facts) = limiter_pairs(options, stack, &addrs, &caller).await?;
-    ensure_progress("limiter_pairs", &pairs)?;
+    load::ensure_progress("limiter_pairs", &pairs)?;
     report.row(Row {
         name: "limiter_pairs".to_owned(),
         rate: pairs.rate(),
@@ -176,18 +143,18 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
         notes: format!(
             "Acquire+Release, {REPLICAS} replicas round-robin, {ACCOUNTS} keys; {shards}; {}; {}; \
              {}; {}; {}{}",
-            writes_per(&pairs_facts, &pairs, "pair"),
+            pairs_facts.writes_per(&pairs, "pair"),
             txn_note(&pairs_facts),
             pairs_facts.etcd_note(pairs.seconds),
             pairs_facts.cpu,
             pairs.error_note(),
-            server_errors(&pairs_facts)
+            pairs_facts.server_errors()
         ),
     });
 
     progress(format_args!("measuring limiter_reject"));
     let (reject, reject_facts) = limiter_reject(options, stack, &addrs, &caller).await?;
-    ensure_progress("limiter_reject", &reject)?;
+    load::ensure_progress("limiter_reject", &reject)?;
     report.row(Row {
         name: "limiter_reject".to_owned(),
         rate: reject.rate(),
@@ -200,20 +167,14 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
             reject_facts.writes,
             reject_facts.cpu,
             reject.error_note(),
-            server_errors(&reject_facts)
+            reject_facts.server_errors()
         ),
     });
 
-    let noise = [&ceiling_facts, &naive_facts, &pairs_facts, &reject_facts]
-        .iter()
-        .filter_map(|facts| facts.other_cores)
-        .fold(0.0_f64, f64::max);
-    if noise > NOISE_CORES {
-        report.remarks.push(format!(
-            "WARNING: other processes used up to {noise:.2} cores during the limiter \
-             measurements; the machine was not quiet and these figures are disturbed"
-        ));
-    }
+    report.warn_noise(
+        "limiter",
+        &[&ceiling_facts, &naive_facts, &pairs_facts, &reject_facts],
+    );
     report.ratio(
         "limiter_vs_naive_etcd",
         pairs.rate() / naive.rate(),
@@ -237,15 +198,6 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
     Ok(())
 }
 
-/// A measurement that completed nothing is a broken run, not a figure.
-fn ensure_progress(name: &str, sample: &Sample) -> Result<()> {
-    if sample.latencies.is_empty() {
-        Err(format!("{name} completed no operation: {}", sample.error_note()).into())
-    } else {
-        Ok(())
-    }
-}
-
 /// `slot txns 175/s, mean 5.7 ms, 43 ops each` from the replicas' metrics.
 fn txn_note(facts: &WindowFacts) -> String {
     let txns = facts.metric("switchboard_limiter_txn_duration_seconds_count");
@@ -260,30 +212,6 @@ fn txn_note(facts: &WindowFacts) -> String {
         super::report::thousands(txns),
         seconds / txns * 1000.0,
         if batches > 0.0 { ops / batches } else { 0.0 }
-    )
-}
-
-/// `; server errors: Acquire UNAVAILABLE ×3` from the replicas' request metrics (calls
-/// between replicas included), or nothing.
-fn server_errors(facts: &WindowFacts) -> String {
-    let failed = facts.series_without("switchboard_requests_total", "code=\"OK\"");
-    if failed.is_empty() {
-        return String::new();
-    }
-    let parts: Vec<String> = failed
-        .iter()
-        .map(|(series, count)| format!("{series} ×{count}"))
-        .collect();
-    format!("; SERVER ERRORS: {}", parts.join(", "))
-}
-
-/// `etcd writes 1,234 (0.05/pair)`.
-fn writes_per(facts: &WindowFacts, sample: &Sample, what: &str) -> String {
-    let ops = sample.latencies.len().max(1) as f64;
-    format!(
-        "etcd writes {} ({:.3}/{what})",
-        super::report::thousands(facts.writes as f64),
-        facts.writes as f64 / ops
     )
 }
 

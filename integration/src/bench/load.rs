@@ -87,12 +87,7 @@ impl Sample {
 
     /// Nearest-rank percentile `q` (0–1) of the latencies.
     pub fn percentile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank = (q * self.latencies.len() as f64).ceil() as usize;
-        let index = rank.clamp(1, self.latencies.len()) - 1;
-        Duration::from_nanos(self.latencies[index])
+        percentile(&self.latencies, q)
     }
 
     /// `errors N (text ×count; …)` or `no errors`.
@@ -113,6 +108,25 @@ impl Sample {
             kinds.join("; ")
         )
     }
+}
+
+/// A measurement that completed nothing is a broken run, not a figure.
+pub fn ensure_progress(name: &str, sample: &Sample) -> Result<()> {
+    if sample.latencies.is_empty() {
+        Err(format!("{name} completed no operation: {}", sample.error_note()).into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Nearest-rank percentile `q` (0–1) of sorted `latencies` (nanoseconds).
+pub fn percentile(latencies: &[u64], q: f64) -> Duration {
+    if latencies.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (q * latencies.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, latencies.len()) - 1;
+    Duration::from_nanos(latencies[index])
 }
 
 /// Runs `workers` (one task each) through `plan`; every operation has [`OP_TIMEOUT`], and the

@@ -3,7 +3,11 @@
 use std::io::Write as _;
 use std::time::Duration;
 
+use super::stack::WindowFacts;
 use super::{CALLERS_PER_CHANNEL, OP_TIMEOUT, Options, sys};
+
+/// Cores other processes may use during a measurement before the report warns.
+const NOISE_CORES: f64 = 0.2;
 
 /// One headline figure and its goal.
 #[derive(Debug, Clone)]
@@ -124,6 +128,21 @@ impl Report {
             value,
             goal,
         });
+    }
+
+    /// Adds a WARNING remark when other processes used more than [`NOISE_CORES`] during
+    /// any of `windows` (the measurements of `scenario`).
+    pub fn warn_noise(&mut self, scenario: &str, windows: &[&WindowFacts]) {
+        let noise = windows
+            .iter()
+            .filter_map(|facts| facts.other_cores)
+            .fold(0.0_f64, f64::max);
+        if noise > NOISE_CORES {
+            self.remarks.push(format!(
+                "WARNING: other processes used up to {noise:.2} cores during the {scenario} \
+                 measurements; the machine was not quiet and these figures are disturbed"
+            ));
+        }
     }
 
     /// Prints the ratio lines, the goals, and the remarks.

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::load::{CpuSnapshot, Plan};
+use super::load::{CpuSnapshot, Plan, Sample};
 use super::{Result, progress, sys};
 use crate::{Etcd, PLATFORM_KEY_ID, PLATFORM_SECRET, free_port, unique_prefix};
 
@@ -173,11 +173,8 @@ impl Stack {
         processes
     }
 
-    /// Starts watching the measured window of `plan`: etcd revision and CPU times at its
-    /// start and end.
-    pub async fn watch_window(&self, plan: &Plan) -> Result<Window> {
-        let client = self.etcd_client().await?;
-        let processes = self.processes();
+    /// What [`Stack::probe`] needs, detached from the stack (to run on another task).
+    fn prober(&self) -> Prober {
         let mut endpoints: Vec<SocketAddr> = self.services.iter().map(|s| s.metrics).collect();
         // etcd serves its own metrics (`etcd_*`, e.g. WAL fsync latency) on its client URL.
         if let Some(etcd) = self
@@ -188,22 +185,44 @@ impl Stack {
         {
             endpoints.push(etcd);
         }
+        Prober {
+            processes: self.processes(),
+            endpoints,
+        }
+    }
+
+    /// Starts watching the measured window of `plan`: etcd revision and CPU times at its
+    /// start and end.
+    pub async fn watch_window(&self, plan: &Plan) -> Result<Window> {
+        let client = self.etcd_client().await?;
+        let prober = self.prober();
         let handle = plan.probe(move || {
-            let mut client = client.clone();
-            let processes = processes.clone();
-            let endpoints = endpoints.clone();
-            async move {
-                let cpu = CpuSnapshot::take(&processes);
-                let revision = Stack::etcd_revision(&mut client).await.ok();
-                let metrics = scrape_all(&endpoints).await;
-                (revision, cpu, metrics)
-            }
+            let client = client.clone();
+            let prober = prober.clone();
+            async move { prober.probe(client).await }
         });
         Ok(Window {
             handle,
             seconds: plan.seconds(),
             ticks_per_second: self.ticks_per_second,
         })
+    }
+
+    /// Opens a window whose end is not known in advance (etcd revision, CPU times and
+    /// metrics now); [`Stack::facts_since`] closes it.
+    pub async fn window_start(&self) -> Result<WindowStart> {
+        let probe = self.prober().probe(self.etcd_client().await?).await;
+        Ok(WindowStart {
+            at: Instant::now(),
+            probe,
+        })
+    }
+
+    /// What happened since `start`, as for a measured window.
+    pub async fn facts_since(&self, start: WindowStart) -> Result<WindowFacts> {
+        let seconds = start.at.elapsed().as_secs_f64();
+        let last = self.prober().probe(self.etcd_client().await?).await;
+        facts(start.probe, last, seconds, self.ticks_per_second)
     }
 
     /// Stops every process and returns the summary of the services' logs (warnings and
@@ -241,7 +260,56 @@ impl Stack {
     }
 }
 
+/// etcd revision, CPU times and metrics at one instant.
 type Probe = (Option<i64>, CpuSnapshot, Metrics);
+
+/// The start of a window opened by [`Stack::window_start`].
+#[derive(Debug)]
+pub struct WindowStart {
+    at: Instant,
+    probe: Probe,
+}
+
+#[derive(Debug, Clone)]
+struct Prober {
+    processes: Vec<(String, Option<u32>)>,
+    endpoints: Vec<SocketAddr>,
+}
+
+impl Prober {
+    async fn probe(&self, mut client: etcd_client::Client) -> Probe {
+        let cpu = CpuSnapshot::take(&self.processes);
+        let revision = Stack::etcd_revision(&mut client).await.ok();
+        let metrics = scrape_all(&self.endpoints).await;
+        (revision, cpu, metrics)
+    }
+}
+
+/// What happened between two probes `seconds` apart.
+fn facts(first: Probe, last: Probe, seconds: f64, ticks_per_second: f64) -> Result<WindowFacts> {
+    let ((first_rev, first_cpu, first_metrics), (last_rev, last_cpu, last_metrics)) = (first, last);
+    let (Some(first), Some(last)) = (first_rev, last_rev) else {
+        return Err("could not read the etcd revision around the measurement".into());
+    };
+    let (cpu, other_cores) = last_cpu.cores_since(&first_cpu, seconds, ticks_per_second);
+    let metrics = if first_metrics.is_empty() {
+        Metrics::new()
+    } else {
+        last_metrics
+            .iter()
+            .map(|(series, value)| {
+                let before = first_metrics.get(series).copied().unwrap_or(0.0);
+                (series.clone(), value - before)
+            })
+            .collect()
+    };
+    Ok(WindowFacts {
+        writes: last - first,
+        cpu,
+        other_cores,
+        metrics,
+    })
+}
 
 /// Prometheus series (name with labels) → value, summed over the services (and etcd)
 /// scraped.
@@ -294,6 +362,51 @@ impl WindowFacts {
         )
     }
 
+    /// `; SERVER ERRORS: …` from the services' request metrics (calls between services
+    /// included) for every non-OK code, or nothing.
+    pub fn server_errors(&self) -> String {
+        let failed = self.series_without("switchboard_requests_total", "code=\"OK\"");
+        if failed.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = failed
+            .iter()
+            .map(|(series, count)| format!("{series} ×{count}"))
+            .collect();
+        format!("; SERVER ERRORS: {}", parts.join(", "))
+    }
+
+    /// `etcd writes 1,234 (0.050/pair)`: revisions consumed per operation of `sample`.
+    pub fn writes_per(&self, sample: &Sample, what: &str) -> String {
+        self.writes_per_count(sample.latencies.len(), what)
+    }
+
+    /// `etcd writes 1,234 (0.050/op)` for `count` operations.
+    pub fn writes_per_count(&self, count: usize, what: &str) -> String {
+        let ops = count.max(1) as f64;
+        format!(
+            "etcd writes {} ({:.3}/{what})",
+            super::report::thousands(self.writes as f64),
+            self.writes as f64 / ops
+        )
+    }
+
+    /// `etcd raft proposals 1,234 (0.500/op), lease grants 617` from etcd's own metrics:
+    /// every request etcd commits through raft (txns, puts, deletes, lease grants and
+    /// revokes; not keep-alives), so it counts what [`WindowFacts::writes`] leaves out.
+    pub fn raft_note(&self, count: usize, what: &str) -> String {
+        let proposals = self.metric("etcd_server_proposals_committed_total");
+        if self.metrics.is_empty() {
+            return "etcd raft proposals unknown".to_owned();
+        }
+        format!(
+            "etcd raft proposals {} ({:.3}/{what}), lease grants {}",
+            super::report::thousands(proposals),
+            proposals / count.max(1) as f64,
+            super::report::thousands(self.metric("etcd_debugging_lease_granted_total"))
+        )
+    }
+
     /// Series of metric `name` that grew and whose labels do not contain `label`.
     pub fn series_without(&self, name: &str, label: &str) -> Vec<(&str, f64)> {
         self.metrics
@@ -309,30 +422,8 @@ impl WindowFacts {
 impl Window {
     /// Waits for the end of the window's probe.
     pub async fn finish(self) -> Result<WindowFacts> {
-        let ((first_rev, first_cpu, first_metrics), (last_rev, last_cpu, last_metrics)) =
-            self.handle.await?;
-        let (Some(first), Some(last)) = (first_rev, last_rev) else {
-            return Err("could not read the etcd revision around the measurement".into());
-        };
-        let (cpu, other_cores) =
-            last_cpu.cores_since(&first_cpu, self.seconds, self.ticks_per_second);
-        let metrics = if first_metrics.is_empty() {
-            Metrics::new()
-        } else {
-            last_metrics
-                .iter()
-                .map(|(series, value)| {
-                    let before = first_metrics.get(series).copied().unwrap_or(0.0);
-                    (series.clone(), value - before)
-                })
-                .collect()
-        };
-        Ok(WindowFacts {
-            writes: last - first,
-            cpu,
-            other_cores,
-            metrics,
-        })
+        let (first, last) = self.handle.await?;
+        facts(first, last, self.seconds, self.ticks_per_second)
     }
 }
 

@@ -83,6 +83,17 @@ pub fn machine_busy_ticks() -> Option<u64> {
     Some(busy)
 }
 
+/// Resident memory of a process, KiB: `(VmRSS, VmHWM)` (now, and the peak so far) from
+/// `/proc/<pid>/status`; `None` when the process is gone.
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse().ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 /// `/proc/loadavg`'s three load averages.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
