@@ -95,9 +95,9 @@ async fn a_second_connect_of_a_device_replaces_the_first_on_any_replica() {
     let now = presence_of(&client(&a), &alice, "alice", third.device.revision).await;
     assert_eq!(now.devices.len(), 1);
     assert_eq!(now.devices[0].replica, b.addr.to_string());
-    // The replaced sessions did not take the device's record with them.
-    tokio::task::yield_now().await;
-    let still = presence_of(&client(&b), &alice, "alice", 0).await;
+    // The replaced sessions did not take the device's record with them (read on the other
+    // replica, at least as fresh as the third session's write).
+    let still = presence_of(&client(&b), &alice, "alice", third.device.revision).await;
     assert_eq!(still.devices.len(), 1);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
