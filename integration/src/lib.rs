@@ -510,13 +510,37 @@ impl ServiceProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_on_with_env(
+            name,
+            std::slice::from_ref(&etcd.endpoint),
+            prefix,
+            args,
+            env,
+        )
+        .await
+    }
+
+    /// Like [`ServiceProcess::start`], against these etcd endpoints (an [`EtcdCluster`]'s
+    /// [`EtcdCluster::endpoints`], all passed in `--etcd`).
+    pub async fn start_on(name: &str, endpoints: &[String], prefix: &str, args: &[&str]) -> Self {
+        Self::start_on_with_env(name, endpoints, prefix, args, &[]).await
+    }
+
+    /// Like [`ServiceProcess::start_on`], with extra environment variables.
+    pub async fn start_on_with_env(
+        name: &str,
+        endpoints: &[String],
+        prefix: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(Self::binary(name))
             .envs(env.iter().copied())
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--etcd")
-            .arg(&etcd.endpoint)
+            .arg(endpoints.join(","))
             .arg("--etcd-prefix")
             .arg(prefix)
             .arg("--platform-key-id")
@@ -552,6 +576,33 @@ impl ServiceProcess {
             .wait()
             .await
             .unwrap_or_else(|err| panic!("wait: {err}"))
+    }
+
+    /// Sends SIGTERM without waiting (the process drains while the test watches);
+    /// [`ServiceProcess::wait`] collects the exit status.
+    pub async fn signal_terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+    }
+
+    /// Waits for the process to exit; its status.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        self.child
+            .wait()
+            .await
+            .unwrap_or_else(|err| panic!("wait: {err}"))
+    }
+
+    /// The exit status if the process has exited, `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .try_wait()
+            .unwrap_or_else(|err| panic!("try_wait: {err}"))
     }
 
     /// `http://addr` for clients.

@@ -276,13 +276,17 @@ impl Dispatcher {
     }
 }
 
-/// ABORTED: the peer does not own the shard. UNAVAILABLE without the peer's
-/// [`crate::error::OUTCOME_UNKNOWN`] mark: the transport failed, the peer is gone. In
-/// neither case did the operation apply, so routing again is safe.
+/// ABORTED: the peer does not own the shard. UNAVAILABLE, UNKNOWN or CANCELLED without the
+/// peer's [`crate::error::OUTCOME_UNKNOWN`] mark: the transport failed or the peer went away
+/// mid-call. Routing again is safe for the invariants: an operation the dead peer did apply
+/// is either counted by the next owner (a slot nobody holds expires at its hold) or was a
+/// release the next owner still counts until expiry — never an over-admission.
 fn retryable(status: &tonic::Status) -> bool {
     status.code() == Code::Aborted
-        || (status.code() == Code::Unavailable
-            && !status
-                .metadata()
-                .contains_key(crate::error::OUTCOME_UNKNOWN))
+        || (matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ) && !status
+            .metadata()
+            .contains_key(crate::error::OUTCOME_UNKNOWN))
 }

@@ -72,17 +72,18 @@ async fn a_watch_resumes_after_an_etcd_restart_without_missing_or_repeating_even
     let mut etcd = Etcd::start().await;
     let session = session(&etcd).await;
     let prefix = session.key("w/");
+    // Start from an explicit revision, so no put can race the watch's creation.
+    let start = session.current_revision().await.unwrap() + 1;
     let mut items = follow(
         &session,
         WatchSpec {
             key: prefix.clone(),
             prefix: true,
-            start_revision: 0,
+            start_revision: start,
             prev_kv: false,
         },
     );
     let mut client = etcd.client().await;
-    // Wait until the watch is established (a first put is seen), so "from now" is defined.
     client.put(format!("{prefix}0"), "0", None).await.unwrap();
     let mut seen = Vec::new();
     collect_until(&mut items, &mut seen, 1).await;

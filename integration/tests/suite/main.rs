@@ -4,6 +4,11 @@
 
 mod auth;
 mod etcd;
+mod fault_etcd_leader;
+mod fault_etcd_restart;
+mod fault_replica_kill;
+mod fault_sigterm;
+mod fault_support;
 mod guard;
 mod limiter;
 mod metrics;
