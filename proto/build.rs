@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let root = manifest_dir.as_path();
     let mut protos = Vec::new();
     collect_protos(&root.join("switchboard"), &mut protos)?;
     protos.sort();

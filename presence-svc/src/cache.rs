@@ -124,6 +124,17 @@ impl PresenceCache {
         }
     }
 
+    /// Devices present in every account (registrations and streams, on every replica).
+    pub fn device_count(&self) -> usize {
+        let store = self.store.read().unwrap_or_else(PoisonError::into_inner);
+        store
+            .accounts
+            .values()
+            .flat_map(|identities| identities.values())
+            .map(BTreeMap::len)
+            .sum()
+    }
+
     /// The revision the cache reflects (0 before the first snapshot).
     pub fn revision(&self) -> i64 {
         self.mirror.revision()

@@ -256,6 +256,7 @@ fn assemble(
     let layout = Layout::new(session.key("presence/"));
     let table = Arc::new(SessionTable::default());
     let cache = cache::PresenceCache::start(session, layout.clone(), table.clone());
+    publish_gauges(replica, table.clone(), cache.clone());
     let limit = DeviceLimit {
         max: usize::from(presence.max_devices_per_identity),
         overflow: presence.device_overflow,
@@ -285,4 +286,35 @@ fn assemble(
         PresenceApi::new(store, sessions, watch),
         RelayApi::new(relay),
     )
+}
+
+/// `switchboard_presence_sessions` (live streams on this replica) and
+/// `switchboard_presence_devices` (devices present everywhere, from the cache), sampled
+/// every second until the replica stops.
+fn publish_gauges(replica: &Replica, table: Arc<SessionTable>, cache: cache::PresenceCache) {
+    use prometheus_client::metrics::gauge::Gauge;
+    let (sessions, devices) = (Gauge::<i64>::default(), Gauge::<i64>::default());
+    replica.metrics.register(
+        "presence_sessions",
+        "Live Connect sessions on this replica",
+        sessions.clone(),
+    );
+    replica.metrics.register(
+        "presence_devices",
+        "Devices present in all accounts (registrations and sessions)",
+        devices.clone(),
+    );
+    let stop = replica.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    sessions.set(table.len() as i64);
+                    devices.set(cache.device_count() as i64);
+                }
+            }
+        }
+    });
 }

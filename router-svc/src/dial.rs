@@ -167,6 +167,7 @@ impl Runner {
                 );
                 index
             });
+            self.engine.stats.offers.inc();
             let start = ppb::OfferStart {
                 account_id: comm.account_id.clone(),
                 identity: target.identity.clone(),

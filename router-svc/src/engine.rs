@@ -39,6 +39,8 @@ pub struct Engine {
     pub fail_closed: bool,
     /// Fires when the replica starts stopping: no new communications.
     pub shutdown: CancellationToken,
+    /// Offers and outcomes, for Prometheus.
+    pub stats: crate::stats::RouterStats,
 }
 
 /// A validated Route call.

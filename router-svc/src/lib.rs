@@ -62,6 +62,7 @@ pub mod retention;
 pub mod rules;
 pub mod runner;
 pub mod slot;
+pub mod stats;
 pub mod store;
 pub mod url;
 pub mod watch;
@@ -189,6 +190,7 @@ pub async fn run_with(
         slot_hold: slot_hold(args.common.replica_ttl),
         fail_closed: args.guard.guard_fail_closed,
         shutdown: CancellationToken::new(),
+        stats: stats::RouterStats::register(&replica.metrics),
     });
     let drain = args.common.drain_timeout;
     let lost = replica.lease.lost();

@@ -135,6 +135,7 @@ impl Runner {
             Err(ending) => (None, ending),
         };
         self.change(|c| finish(c, ending.outcome, &ending.why, ending.legs));
+        self.engine.stats.ended(self.comm.read(|c| c.outcome));
         if let Some(slot) = slot {
             slot.release().await;
         }

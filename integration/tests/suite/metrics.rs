@@ -80,3 +80,55 @@ async fn the_limiter_serves_request_and_slot_metrics() {
     assert!(!text.contains(&token), "a token leaked into metrics");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn presence_serves_session_and_device_gauges() {
+    let etcd = Etcd::start().await;
+    let metrics_address: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut common = common_args(&etcd, &unique_prefix());
+    common.metrics_listen = Some(metrics_address);
+    let args = presence_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        common,
+    };
+    let server = integration::serve_in_process(move |listener, stop| {
+        presence_svc::run(args, listener, async move {
+            let _ = stop.await;
+        })
+    })
+    .await;
+    let alice = Tokens::signed(
+        integration::PLATFORM_KEY_ID,
+        integration::PLATFORM_SECRET,
+        "AC1",
+        Some("alice"),
+        &[Scope::PresenceRegister],
+        600,
+    );
+    let session =
+        crate::presence_support::Session::hello(support::channel(&server), &alice, "phone").await;
+    integration::poll_until(
+        "the gauges to count the session",
+        std::time::Duration::from_secs(5),
+        || async {
+            let text = scrape(metrics_address).await;
+            (text.contains("switchboard_presence_sessions 1")
+                && text.contains("switchboard_presence_devices 1"))
+            .then_some(())
+        },
+    )
+    .await;
+    drop(session);
+    integration::poll_until(
+        "the gauges to drop to zero",
+        std::time::Duration::from_secs(5),
+        || async {
+            let text = scrape(metrics_address).await;
+            (text.contains("switchboard_presence_sessions 0")
+                && text.contains("switchboard_presence_devices 0"))
+            .then_some(())
+        },
+    )
+    .await;
+    server.shutdown().await.unwrap();
+}
