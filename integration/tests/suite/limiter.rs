@@ -317,7 +317,7 @@ async fn a_crashed_holders_slot_expires_after_its_hold() {
     let held = acquire(&mut c, "AC1", "calls", 2).await;
     assert!(granted(&held));
     assert!(!granted(&acquire(&mut c, "AC1", "calls", 2).await));
-    let expiry = convert_ms(held.expire_time.as_ref());
+    let expiry = limiter_svc::convert::millis(held.expire_time.as_ref());
     poll_until(
         "the abandoned slot to expire",
         Duration::from_secs(5),
@@ -328,21 +328,10 @@ async fn a_crashed_holders_slot_expires_after_its_hold() {
     )
     .await;
     assert!(
-        now_ms() >= expiry,
+        limiter_svc::model::now_ms() >= expiry,
         "granted before the abandoned slot expired"
     );
     server.shutdown().await.unwrap();
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-fn convert_ms(ts: Option<&prost_types::Timestamp>) -> u64 {
-    ts.map_or(0, |t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
 }
 
 #[tokio::test]
