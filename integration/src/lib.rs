@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod certs;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};
