@@ -4,9 +4,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-use plumbing::metrics::Metrics;
+use plumbing::metrics::{Metrics, TxnStats};
 
 /// Per-resource label (accounts are left out to keep cardinality bounded).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,10 +25,8 @@ pub struct EngineStats {
     pub in_flight: Family<ResourceLabels, Gauge>,
     /// Callers queued, in the shards owned here.
     pub queued: Family<ResourceLabels, Gauge>,
-    /// Operations per slot txn.
-    pub batch_size: Histogram,
-    /// Slot txn latency.
-    pub txn_seconds: Histogram,
+    /// Operations per slot txn and slot txn latency (including bucket lease grants).
+    pub txn: TxnStats,
     /// Shards owned by this replica.
     pub shards_owned: Gauge,
 }
@@ -42,8 +39,7 @@ impl EngineStats {
             rejects: Family::default(),
             in_flight: Family::default(),
             queued: Family::default(),
-            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
-            txn_seconds: plumbing::metrics::latency_histogram(),
+            txn: TxnStats::register(metrics, "limiter", "Slot operations"),
             shards_owned: Gauge::default(),
         };
         metrics.register(
@@ -65,16 +61,6 @@ impl EngineStats {
             "limiter_queued",
             "Callers waiting in the shards this replica owns, by resource",
             stats.queued.clone(),
-        );
-        metrics.register(
-            "limiter_txn_batch_size",
-            "Slot operations per group-committed etcd txn",
-            stats.batch_size.clone(),
-        );
-        metrics.register(
-            "limiter_txn_duration_seconds",
-            "Latency of slot txns (including bucket lease grants)",
-            stats.txn_seconds.clone(),
         );
         metrics.register(
             "limiter_shards_owned",

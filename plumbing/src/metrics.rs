@@ -42,6 +42,46 @@ pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
+/// Batch sizes and latencies of one group-commit writer's etcd txns, registered as
+/// `switchboard_{writer}_txn_batch_size` and `switchboard_{writer}_txn_duration_seconds`.
+#[derive(Debug, Clone)]
+pub struct TxnStats {
+    batch_size: Histogram,
+    duration: Histogram,
+}
+
+impl TxnStats {
+    /// Creates the two histograms of `writer` (e.g. `presence`) and registers them;
+    /// `unit` names what a batch counts (e.g. "record writes").
+    pub fn register(metrics: &Metrics, writer: &str, unit: &str) -> Self {
+        let stats = Self {
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            duration: latency_histogram(),
+        };
+        metrics.register(
+            &format!("{writer}_txn_batch_size"),
+            &format!("{unit} per group-committed etcd txn"),
+            stats.batch_size.clone(),
+        );
+        metrics.register(
+            &format!("{writer}_txn_duration_seconds"),
+            &format!("Latency of the etcd txns carrying {unit}"),
+            stats.duration.clone(),
+        );
+        stats
+    }
+
+    /// Records that a txn carried `batch` writes.
+    pub fn batch(&self, batch: usize) {
+        self.batch_size.observe(batch as f64);
+    }
+
+    /// Records how long a txn took.
+    pub fn latency(&self, elapsed: std::time::Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
 /// The process's metrics.
 #[derive(Clone)]
 pub struct Metrics {

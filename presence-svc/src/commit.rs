@@ -14,6 +14,7 @@ use std::collections::{HashSet, VecDeque};
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse, TxnResponse};
 use plumbing::etcd::{CALL_DEADLINE, EtcdSession};
+use plumbing::metrics::TxnStats;
 use tokio::sync::{mpsc, oneshot};
 
 /// etcd's default `--max-txn-ops`. etcd checks each nested txn against what the outer txn
@@ -58,9 +59,9 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the writer; it stops when every handle is dropped.
-    pub fn start(session: EtcdSession) -> Self {
+    pub fn start(session: EtcdSession, stats: TxnStats) -> Self {
         let (queue, pending) = mpsc::channel(QUEUE);
-        tokio::spawn(run(session, pending));
+        tokio::spawn(run(session, stats, pending));
         Self { queue }
     }
 
@@ -74,7 +75,7 @@ impl GroupCommit {
     }
 }
 
-async fn run(session: EtcdSession, mut queue: mpsc::Receiver<Pending>) {
+async fn run(session: EtcdSession, stats: TxnStats, mut queue: mpsc::Receiver<Pending>) {
     let mut waiting: VecDeque<Pending> = VecDeque::new();
     loop {
         if waiting.is_empty() {
@@ -90,7 +91,10 @@ async fn run(session: EtcdSession, mut queue: mpsc::Receiver<Pending>) {
             }
         }
         let batch = take_batch(&mut waiting);
+        stats.batch(batch.len());
+        let started = std::time::Instant::now();
         commit_batch(&session, batch).await;
+        stats.latency(started.elapsed());
     }
 }
 

@@ -261,7 +261,8 @@ fn assemble(
         max: usize::from(presence.max_devices_per_identity),
         overflow: presence.device_overflow,
     };
-    let store = DeviceStore::new(session.clone(), layout.clone(), cache.clone(), limit);
+    let txn = plumbing::metrics::TxnStats::register(&replica.metrics, "presence", "Record writes");
+    let store = DeviceStore::new(session.clone(), layout.clone(), cache.clone(), limit, txn);
     let sessions = session::Sessions::new(
         table.clone(),
         store.clone(),

@@ -78,6 +78,7 @@ use clap::Args;
 use plumbing::config::CommonArgs;
 use plumbing::etcd::EtcdError;
 use plumbing::guard::{GuardArgs, GuardLayer};
+use plumbing::metrics::TxnStats;
 use plumbing::server::{Replica, ServeError};
 use proto::router::v1::router_service_server::RouterServiceServer;
 use tokio::net::TcpListener;
@@ -179,6 +180,7 @@ pub async fn run_with(
             replica.lease.id(),
             advertise,
             router.communication_retention,
+            TxnStats::register(&replica.metrics, "router", "Communication record writes"),
         ),
         live: Arc::new(LiveTable::default()),
         peers: Peers::new(

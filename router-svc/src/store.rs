@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use plumbing::etcd::{EtcdError, EtcdSession};
+use plumbing::metrics::TxnStats;
 use prost::Message;
 use proto::router::v1 as pb;
 use tokio::sync::{Notify, oneshot};
@@ -84,6 +85,7 @@ struct Inner {
     queue: Mutex<Queue>,
     wake: Arc<Notify>,
     retention: Retention,
+    stats: TxnStats,
 }
 
 impl CommStore {
@@ -94,8 +96,10 @@ impl CommStore {
         replica_lease: i64,
         owner: String,
         retention: Duration,
+        stats: TxnStats,
     ) -> Self {
         let inner = Arc::new(Inner {
+            stats,
             session: session.clone(),
             root: session.key("router/comms/"),
             replica_lease,
@@ -274,6 +278,8 @@ async fn commit(inner: &Inner, creations: Vec<Creation>, dirty: Vec<(String, Dir
     }
     let mut result = Ok(Vec::new());
     let mut versions = Vec::new();
+    inner.stats.batch(creations.len() + dirty.len());
+    let started = std::time::Instant::now();
     for attempt in 0..2 {
         let mut batch = ops.clone();
         match dirty_ops(inner, &dirty).await {
@@ -300,6 +306,7 @@ async fn commit(inner: &Inner, creations: Vec<Creation>, dirty: Vec<(String, Dir
             _ => break,
         }
     }
+    inner.stats.latency(started.elapsed());
     match result {
         Ok(responses) => {
             for (creation, response) in creations.into_iter().zip(responses) {

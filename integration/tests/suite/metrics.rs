@@ -8,6 +8,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support;
 
+/// The value of the unlabelled sample `name` in `text` (0 when absent).
+fn counted(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 async fn scrape(address: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream
@@ -113,8 +121,10 @@ async fn presence_serves_session_and_device_gauges() {
         || async {
             let text = scrape(metrics_address).await;
             (text.contains("switchboard_presence_sessions 1")
-                && text.contains("switchboard_presence_devices 1"))
-            .then_some(())
+                && text.contains("switchboard_presence_devices 1")
+                && counted(&text, "switchboard_presence_txn_batch_size_count") >= 1
+                && counted(&text, "switchboard_presence_txn_duration_seconds_count") >= 1)
+                .then_some(())
         },
     )
     .await;
@@ -130,5 +140,62 @@ async fn presence_serves_session_and_device_gauges() {
         },
     )
     .await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_router_counts_offers_outcomes_and_record_txns() {
+    use crate::router_support::{Router, World};
+    use proto::presence::v1 as ppb;
+    use proto::router::v1 as rpb;
+
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial timeout=\"10\"><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut phone = world.device("alice", "phone").await;
+    let metrics_address: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut args = support::router_args(
+        &world.etcd,
+        &world.prefix,
+        world.presence.addr.to_string(),
+        Some(world.limiter.addr.to_string()),
+        true,
+    );
+    args.common.metrics_listen = Some(metrics_address);
+    let server = support::router_serving(args, router_svc::RouterArgs::default()).await;
+    let router = Router::new(&server);
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-metrics").await }
+    });
+    let offer = phone.offer().await;
+    phone
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    let comm = routing.await.unwrap().unwrap();
+    assert_eq!(comm.state, rpb::CommunicationState::Connected as i32);
+    router.hangup("CM-metrics").await.unwrap();
+    router.ended("CM-metrics").await;
+
+    let text = integration::poll_until(
+        "the router to count the offer, the outcome and its record txns",
+        std::time::Duration::from_secs(5),
+        || async {
+            let text = scrape(metrics_address).await;
+            (counted(&text, "switchboard_router_offers_total") == 1
+                && text.contains(
+                    r#"switchboard_router_communications_ended_total{outcome="OUTCOME_CONNECTED"} 1"#,
+                )
+                && counted(&text, "switchboard_router_txn_batch_size_count") >= 1
+                && counted(&text, "switchboard_router_txn_duration_seconds_count") >= 1)
+                .then_some(text)
+        },
+    )
+    .await;
+    assert!(text.contains(r#"switchboard_requests_total{method="/switchboard.router.v1.RouterService/Route",code="OK"} 1"#));
     server.shutdown().await.unwrap();
 }

@@ -88,7 +88,19 @@ pub async fn router_with(
     allow_private_webhooks: bool,
     router: router_svc::RouterArgs,
 ) -> InProcess<ServeError> {
-    let args = router_svc::ServeArgs {
+    let args = router_args(etcd, prefix, presence, limiter, allow_private_webhooks);
+    router_serving(args, router).await
+}
+
+/// The flags of an in-process router (for tests that change some before starting it).
+pub fn router_args(
+    etcd: &Etcd,
+    prefix: &str,
+    presence: String,
+    limiter: Option<String>,
+    allow_private_webhooks: bool,
+) -> router_svc::ServeArgs {
+    router_svc::ServeArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         presence,
         allow_private_webhooks,
@@ -97,7 +109,14 @@ pub async fn router_with(
             guard_fail_closed: false,
         },
         common: common_args(etcd, prefix),
-    };
+    }
+}
+
+/// A router serving in-process with `args`.
+pub async fn router_serving(
+    args: router_svc::ServeArgs,
+    router: router_svc::RouterArgs,
+) -> InProcess<ServeError> {
     serve_in_process(move |listener, stop| {
         router_svc::run_with(args, router, listener, async move {
             let _ = stop.await;

@@ -461,8 +461,8 @@ impl Engine {
             return;
         }
         self.in_flight.begin(&batch);
-        self.config.stats.batch_size.observe(batch.len() as f64);
-        let latency = self.config.stats.txn_seconds.clone();
+        self.config.stats.txn.batch(batch.len());
+        let txn = self.config.stats.txn.clone();
         let commit = commit(
             self.config.session.clone(),
             fences,
@@ -473,7 +473,7 @@ impl Engine {
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let (writes, leases, result) = commit.await;
-            latency.observe(started.elapsed().as_secs_f64());
+            txn.latency(started.elapsed());
             let _ = events.send(Event::Committed {
                 writes,
                 leases,

@@ -98,8 +98,9 @@ impl DeviceStore {
         layout: Layout,
         cache: PresenceCache,
         limit: DeviceLimit,
+        txn: plumbing::metrics::TxnStats,
     ) -> Self {
-        let writer = GroupCommit::start(session.clone());
+        let writer = GroupCommit::start(session.clone(), txn);
         let notes = LeaveNotes::new(session.clone(), writer.clone());
         Self {
             inner: Arc::new(Inner {
