@@ -53,6 +53,20 @@ pub struct Options {
     pub duration: Duration,
     /// Discarded time before each measurement.
     pub warmup: Duration,
+    /// Serve every started service over TLS (None: plain text, the default).
+    pub tls: Option<BenchTls>,
+}
+
+/// The files of a TLS run: the services serve `cert`/`key`; the benchmark and the services'
+/// calls to each other trust `ca`.
+#[derive(Debug, Clone)]
+pub struct BenchTls {
+    /// Certificate (PEM) every service serves; valid for `127.0.0.1`.
+    pub cert: std::path::PathBuf,
+    /// Its private key (PEM).
+    pub key: std::path::PathBuf,
+    /// The CA (PEM) that signed `cert`.
+    pub ca: std::path::PathBuf,
 }
 
 /// A scenario: a name for the command line and the function that measures it.

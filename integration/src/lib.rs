@@ -2,7 +2,8 @@
 //!
 //! - [`Etcd`] starts a real etcd (Debian's `/usr/bin/etcd`, or `$SWITCHBOARD_TEST_ETCD`) on
 //!   free loopback ports, with its data in a temporary folder; it can be stopped, restarted
-//!   on the same ports and data, and is killed when dropped.
+//!   on the same ports and data, and is killed when dropped. [`Etcd::start_secure`] serves
+//!   TLS and can turn authentication on ([`secure_etcd`]).
 //! - [`unique_prefix`] gives each test its own etcd key prefix.
 //! - [`Tokens`] mints platform and account tokens for tests.
 //! - [`poll_until`] awaits a condition with a deadline, instead of sleeping.
@@ -14,6 +15,7 @@
 
 pub mod bench;
 pub mod certs;
+pub mod secure_etcd;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -24,9 +26,12 @@ use std::time::{Duration, Instant};
 use plumbing::auth::Scope;
 use plumbing::auth::jwt::{self, TokenRequest};
 use plumbing::config::{CommonArgs, LogFormat};
+use plumbing::tls::{ClientTls, TlsArgs};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+pub use secure_etcd::{EtcdLogin, EtcdSecurity, secure_common_args};
 
 /// Platform key id every test server is configured with.
 pub const PLATFORM_KEY_ID: &str = "platform-test";
@@ -90,6 +95,7 @@ pub struct Etcd {
     fsync: bool,
     data: tempfile::TempDir,
     child: Option<Child>,
+    security: Option<secure_etcd::ServerSecurity>,
 }
 
 impl Etcd {
@@ -100,15 +106,21 @@ impl Etcd {
 
     /// Starts a single-member etcd; `fsync` false adds `--unsafe-no-fsync`.
     pub async fn start_with(fsync: bool) -> Self {
+        Self::start_configured(fsync, None).await
+    }
+
+    async fn start_configured(fsync: bool, security: Option<secure_etcd::ServerSecurity>) -> Self {
         let data = tempfile::tempdir().unwrap_or_else(|err| panic!("tempdir: {err}"));
         let (client_port, peer_port) = (free_port(), free_port());
+        let scheme = if security.is_some() { "https" } else { "http" };
         let mut etcd = Self {
-            endpoint: format!("http://127.0.0.1:{client_port}"),
+            endpoint: format!("{scheme}://127.0.0.1:{client_port}"),
             client_port,
             peer_port,
             fsync,
             data,
             child: None,
+            security,
         };
         etcd.launch().await;
         etcd
@@ -146,6 +158,7 @@ impl Etcd {
         if !self.fsync {
             command.arg("--unsafe-no-fsync");
         }
+        self.security_args(&mut command);
         let child = command.spawn().unwrap_or_else(|err| {
             panic!(
                 "cannot start {}: {err} (install it with `apt-get install -y etcd-server`)",
@@ -155,15 +168,17 @@ impl Etcd {
         self.child = Some(child);
         let address: SocketAddr = ([127, 0, 0, 1], self.client_port).into();
         let endpoint = self.endpoint.clone();
+        let options = self.client_options();
         poll_until(
             &format!("etcd at {endpoint}"),
             Duration::from_secs(15),
             || {
                 let endpoint = endpoint.clone();
+                let options = options.clone();
                 async move {
                     let stream = tokio::net::TcpStream::connect(address).await.ok()?;
                     drop(stream);
-                    let mut client = etcd_client::Client::connect([endpoint.as_str()], None)
+                    let mut client = etcd_client::Client::connect([endpoint.as_str()], options)
                         .await
                         .ok()?;
                     client.get("health-probe", None).await.ok().map(|_| ())
@@ -186,9 +201,9 @@ impl Etcd {
         self.launch().await;
     }
 
-    /// A client connected to this etcd.
+    /// A client connected to this etcd (over TLS and as root when it is secured).
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint.as_str()], None)
+        etcd_client::Client::connect([self.endpoint.as_str()], self.client_options())
             .await
             .unwrap_or_else(|err| panic!("etcd client: {err}"))
     }
@@ -344,12 +359,20 @@ pub fn common_args_for(etcd_endpoints: Vec<String>, prefix: &str) -> CommonArgs 
     CommonArgs {
         etcd_endpoints,
         etcd_prefix: prefix.to_owned(),
+        etcd_ca: None,
+        etcd_cert: None,
+        etcd_key: None,
+        etcd_user: None,
+        etcd_password_file: None,
+        etcd_password: None,
         platform_key_id: PLATFORM_KEY_ID.to_owned(),
-        platform_secret: Some(PLATFORM_SECRET.to_owned()),
+        platform_secret: Some(plumbing::config::Secret::new(PLATFORM_SECRET)),
         log_format: LogFormat::Human,
         drain_timeout: Duration::from_secs(5),
         metrics_listen: None,
         replica_ttl: 5,
+        tls: TlsArgs::default(),
+        limits: plumbing::limits::ConnectionLimits::default(),
     }
 }
 
@@ -393,6 +416,17 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Send + 'static,
 {
+    serve_in_process_with(&ClientTls::plain(), run).await
+}
+
+/// Like [`serve_in_process`] for a server that may serve TLS: waits until it answers a
+/// client using `tls`.
+pub async fn serve_in_process_with<E, F, Fut>(tls: &ClientTls, run: F) -> InProcess<E>
+where
+    F: FnOnce(tokio::net::TcpListener, oneshot::Receiver<()>) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|err| panic!("bind: {err}"));
@@ -401,7 +435,7 @@ where
         .unwrap_or_else(|err| panic!("local addr: {err}"));
     let (stop, stopped) = oneshot::channel();
     let join = tokio::spawn(run(listener, stopped));
-    wait_serving(addr).await;
+    wait_serving_with(addr, tls).await;
     InProcess {
         addr,
         stop: Some(stop),
@@ -411,11 +445,16 @@ where
 
 /// Waits until `addr` answers a gRPC health check with SERVING.
 pub async fn wait_serving(addr: SocketAddr) {
+    wait_serving_with(addr, &ClientTls::plain()).await;
+}
+
+/// Waits until `addr` answers a gRPC health check with SERVING to a client using `tls`.
+pub async fn wait_serving_with(addr: SocketAddr, tls: &ClientTls) {
     poll_until(
         &format!("server at {addr} to be SERVING"),
         Duration::from_secs(20),
         || async move {
-            let channel = plumbing::client::channel(&addr.to_string()).ok()?;
+            let channel = plumbing::client::channel_with(&addr.to_string(), tls).ok()?;
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let answer = health
                 .check(tonic_health::pb::HealthCheckRequest {
@@ -535,8 +574,58 @@ impl ServiceProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn(
+            name,
+            endpoints,
+            prefix,
+            args,
+            env,
+            Stdio::inherit(),
+            &ClientTls::plain(),
+        )
+        .await
+    }
+
+    /// Like [`ServiceProcess::start_with_env`], with its stderr (the logs) appended to the
+    /// file `log`. `RUST_LOG` in `env` overrides the default `warn`.
+    pub async fn start_logging_to(
+        name: &str,
+        etcd: &Etcd,
+        prefix: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|err| panic!("log file {}: {err}", log.display()));
+        let endpoints = std::slice::from_ref(&etcd.endpoint);
+        Self::spawn(
+            name,
+            endpoints,
+            prefix,
+            args,
+            env,
+            Stdio::from(file),
+            &ClientTls::plain(),
+        )
+        .await
+    }
+
+    async fn spawn(
+        name: &str,
+        endpoints: &[String],
+        prefix: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        tls: &ClientTls,
+    ) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(Self::binary(name))
+            .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .arg("--listen")
             .arg(addr.to_string())
@@ -550,13 +639,37 @@ impl ServiceProcess {
             .arg("5")
             .args(args)
             .env("SWITCHBOARD_PLATFORM_SECRET", PLATFORM_SECRET)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
-        wait_serving(addr).await;
+        wait_serving_with(addr, tls).await;
         Self { addr, child }
+    }
+
+    /// Like [`ServiceProcess::start`] for a server given TLS flags in `args`: waits until it
+    /// answers a client using `tls`.
+    pub async fn start_tls(
+        name: &str,
+        etcd: &Etcd,
+        prefix: &str,
+        args: &[&str],
+        tls: &ClientTls,
+    ) -> Self {
+        let endpoints = std::slice::from_ref(&etcd.endpoint);
+        Self::spawn(name, endpoints, prefix, args, &[], Stdio::inherit(), tls).await
+    }
+
+    /// Sends SIGHUP (a server serving TLS reloads its certificate).
+    pub async fn hangup(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-HUP")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
     }
 
     /// SIGKILL, as a crash.

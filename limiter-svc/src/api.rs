@@ -2,19 +2,17 @@
 //! domain, convert back.
 
 use plumbing::auth::{Caller, Scope};
-use plumbing::validate::{self, FieldError};
 use proto::limiter::v1 as pb;
 use proto::limiter::v1::limiter_service_server::LimiterService;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::limits::LimitTable;
-use crate::model::{self, AcquireSpec, LimitSource, LimitValue, MAX_LIMIT, SlotId, SlotKey};
+use crate::model::LimitSource;
 use crate::slots::{Requester, Slots};
 
-/// Default and largest page of ListLimits.
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
+#[path = "api_requests.rs"]
+pub mod requests;
 
 /// The LimiterService handlers.
 #[derive(Debug, Clone)]
@@ -41,17 +39,6 @@ fn caller<T>(request: &Request<T>, scope: Scope) -> Result<(Caller, Requester), 
     Ok((caller, requester))
 }
 
-/// The account a limit request names: `*` only for platform callers.
-fn limit_account(caller: &Caller, requested: &str) -> Result<String, Error> {
-    if requested == "*" {
-        caller.require_platform()?;
-        return Ok("*".into());
-    }
-    let account = caller.account_for(requested)?;
-    validate::account_id("account_id", &account)?;
-    Ok(account)
-}
-
 #[tonic::async_trait]
 impl LimiterService for LimiterApi {
     #[tracing::instrument(skip_all)]
@@ -60,16 +47,7 @@ impl LimiterService for LimiterApi {
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let (caller, who) = caller(&request, Scope::LimiterAcquire)?;
-        let r = request.into_inner();
-        let account = caller.account_for(&r.account_id).map_err(Error::from)?;
-        let spec = AcquireSpec::new(
-            account,
-            r.resource,
-            r.request_id,
-            r.hold_seconds,
-            r.wait_timeout_ms,
-        )
-        .map_err(Error::from)?;
+        let spec = requests::acquire(&caller, request.get_ref())?;
         Ok(Response::new(self.slots.acquire(spec, &who).await?))
     }
 
@@ -79,7 +57,7 @@ impl LimiterService for LimiterApi {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (_, who) = caller(&request, Scope::LimiterAcquire)?;
-        let id = SlotId::parse("slot_id", &request.into_inner().slot_id).map_err(Error::from)?;
+        let id = requests::release(request.get_ref())?;
         Ok(Response::new(pb::ReleaseResponse {
             released: self.slots.release(id, &who).await?,
         }))
@@ -91,9 +69,7 @@ impl LimiterService for LimiterApi {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let (_, who) = caller(&request, Scope::LimiterAcquire)?;
-        let r = request.into_inner();
-        let id = SlotId::parse("slot_id", &r.slot_id).map_err(Error::from)?;
-        let hold = model::hold(r.hold_seconds, "hold_seconds").map_err(Error::from)?;
+        let (id, hold) = requests::renew(request.get_ref())?;
         Ok(Response::new(self.slots.renew(id, hold, &who).await?))
     }
 
@@ -103,29 +79,19 @@ impl LimiterService for LimiterApi {
         request: Request<pb::SetLimitRequest>,
     ) -> Result<Response<pb::SetLimitResponse>, Status> {
         let (caller, _) = caller(&request, Scope::LimiterAdmin)?;
-        // Limits are what the platform sells: an account may read its limits, not raise them.
-        caller.require_platform().map_err(Error::from)?;
-        let limit = request
-            .into_inner()
-            .limit
-            .ok_or_else(|| Error::from(FieldError::new("limit", "must be set")))?;
-        let account = limit_account(&caller, &limit.account_id)?;
-        model::resource_name("limit.resource", &limit.resource).map_err(Error::from)?;
-        validate::in_range("limit.max_in_flight", limit.max_in_flight, 1, MAX_LIMIT)
-            .map_err(Error::from)?;
-        let value = LimitValue {
-            max_in_flight: limit.max_in_flight,
-            shadow: limit.shadow,
-        };
+        let (key, value) = requests::set_limit(&caller, request.get_ref())?;
+        let (account, resource) = (key.account, key.resource);
         self.limits
-            .set(&account, &limit.resource, value)
+            .set(&account, &resource, value)
             .await
             .map_err(Error::from)?;
-        tracing::info!(%account, resource = %limit.resource, max = value.max_in_flight, shadow = value.shadow, "limit set");
+        tracing::info!(%account, %resource, max = value.max_in_flight, shadow = value.shadow, "limit set");
         Ok(Response::new(pb::SetLimitResponse {
             limit: Some(pb::Limit {
                 account_id: account,
-                ..limit
+                resource,
+                max_in_flight: value.max_in_flight,
+                shadow: value.shadow,
             }),
         }))
     }
@@ -136,18 +102,12 @@ impl LimiterService for LimiterApi {
         request: Request<pb::GetLimitRequest>,
     ) -> Result<Response<pb::GetLimitResponse>, Status> {
         let (caller, _) = caller(&request, Scope::LimiterAdmin)?;
-        let r = request.into_inner();
-        let account = limit_account(&caller, &r.account_id)?;
-        model::resource_name("resource", &r.resource).map_err(Error::from)?;
-        let key = SlotKey {
-            account: account.clone(),
-            resource: r.resource.clone(),
-        };
+        let key = requests::get_limit(&caller, request.get_ref())?;
         let (limit, source) = self.limits.effective(&key);
         let Some(limit) = limit else {
             return Err(Error::NoLimit {
-                account,
-                resource: r.resource,
+                account: key.account,
+                resource: key.resource,
             }
             .into());
         };
@@ -158,8 +118,8 @@ impl LimiterService for LimiterApi {
         };
         Ok(Response::new(pb::GetLimitResponse {
             limit: Some(pb::Limit {
-                account_id: account,
-                resource: r.resource,
+                account_id: key.account,
+                resource: key.resource,
                 max_in_flight: limit.max_in_flight,
                 shadow: limit.shadow,
             }),
@@ -173,16 +133,8 @@ impl LimiterService for LimiterApi {
         request: Request<pb::ListLimitsRequest>,
     ) -> Result<Response<pb::ListLimitsResponse>, Status> {
         let (caller, _) = caller(&request, Scope::LimiterAdmin)?;
+        let (account, page) = requests::list_limits(&caller, request.get_ref())?;
         let r = request.into_inner();
-        let account = limit_account(&caller, &r.account_id)?;
-        let page = usize::try_from(r.page_size)
-            .ok()
-            .filter(|p| *p > 0)
-            .unwrap_or(DEFAULT_PAGE)
-            .min(MAX_PAGE);
-        if r.page_size < 0 {
-            return Err(Error::from(FieldError::new("page_size", "must not be negative")).into());
-        }
         let (limits, more) = self.limits.list(&account, &r.page_token, page);
         let next_page_token = if more {
             limits.last().map(|(r, _)| r.clone()).unwrap_or_default()
@@ -210,13 +162,10 @@ impl LimiterService for LimiterApi {
         request: Request<pb::DeleteLimitRequest>,
     ) -> Result<Response<pb::DeleteLimitResponse>, Status> {
         let (caller, _) = caller(&request, Scope::LimiterAdmin)?;
-        caller.require_platform().map_err(Error::from)?;
-        let r = request.into_inner();
-        let account = limit_account(&caller, &r.account_id)?;
-        model::resource_name("resource", &r.resource).map_err(Error::from)?;
+        let key = requests::delete_limit(&caller, request.get_ref())?;
         let deleted = self
             .limits
-            .delete(&account, &r.resource)
+            .delete(&key.account, &key.resource)
             .await
             .map_err(Error::from)?;
         Ok(Response::new(pb::DeleteLimitResponse { deleted }))
@@ -228,20 +177,8 @@ impl LimiterService for LimiterApi {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let (caller, who) = caller(&request, Scope::LimiterAdmin)?;
-        let r = request.into_inner();
-        let account = caller.account_for(&r.account_id).map_err(Error::from)?;
-        validate::account_id("account_id", &account).map_err(Error::from)?;
-        model::resource_name("resource", &r.resource).map_err(Error::from)?;
-        let usage = self
-            .slots
-            .usage(
-                SlotKey {
-                    account,
-                    resource: r.resource,
-                },
-                &who,
-            )
-            .await?;
+        let key = requests::get_usage(&caller, request.get_ref())?;
+        let usage = self.slots.usage(key, &who).await?;
         Ok(Response::new(pb::GetUsageResponse { usage: Some(usage) }))
     }
 
@@ -251,10 +188,7 @@ impl LimiterService for LimiterApi {
         request: Request<pb::ListUsageRequest>,
     ) -> Result<Response<pb::ListUsageResponse>, Status> {
         let (caller, who) = caller(&request, Scope::LimiterAdmin)?;
-        let account = caller
-            .account_for(&request.into_inner().account_id)
-            .map_err(Error::from)?;
-        validate::account_id("account_id", &account).map_err(Error::from)?;
+        let account = requests::list_usage(&caller, request.get_ref())?;
         Ok(Response::new(pb::ListUsageResponse {
             usages: self.slots.list_usage(&account, &who).await?,
         }))

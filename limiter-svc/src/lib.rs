@@ -56,6 +56,13 @@
 //! etcd extends lease TTLs across the election, which only delays expiry. *Usage counters*
 //! (granted/rejected totals) live with the owner and restart from zero on a new owner.
 //!
+//! **Its own API.** The limiter cannot guard itself through itself: each account may have
+//! at most `--max-inflight-per-account` requests in flight on one replica (a local count,
+//! [`plumbing::guard::GuardLayer::local`]); beyond it calls get the guard's
+//! RESOURCE_EXHAUSTED with `retry-after-ms`. Platform callers (the other services' guards
+//! and routers, peers forwarding) are exempt, as with the guard. A queued Acquire may run
+//! its `wait_timeout_ms` on top of `--request-timeout`.
+//!
 //! **Known limits.** A new replica only claims shards that are unowned; shards are not
 //! moved to it while their owner lives. Replicas need the platform secret to forward.
 #![forbid(unsafe_code)]
@@ -64,6 +71,8 @@ pub mod api;
 pub mod convert;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod model;
 pub mod relay;
@@ -80,6 +89,8 @@ use plumbing::auth::Scope;
 use plumbing::client::CallCredentials;
 use plumbing::config::CommonArgs;
 use plumbing::etcd::EtcdError;
+use plumbing::guard::GuardLayer;
+use plumbing::limits::LongCall;
 use plumbing::server::{Replica, ServeError};
 use proto::limiter::v1::limiter_peer_service_server::LimiterPeerServiceServer;
 use proto::limiter::v1::limiter_service_server::LimiterServiceServer;
@@ -103,14 +114,55 @@ pub struct ServeArgs {
     pub common: CommonArgs,
 }
 
-/// Serves limiter-svc on `listener` until `stop` resolves.
+/// The limiter's own flags.
+#[derive(Debug, Clone, Args)]
+pub struct LimiterArgs {
+    /// Most requests one account may have in flight on this replica's own API (platform
+    /// callers exempt); beyond it calls are refused with RESOURCE_EXHAUSTED and a retry hint.
+    #[arg(long, env = "SWITCHBOARD_MAX_INFLIGHT_PER_ACCOUNT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_per_account: u32,
+}
+
+impl Default for LimiterArgs {
+    fn default() -> Self {
+        Self {
+            max_inflight_per_account: 1000,
+        }
+    }
+}
+
+/// Unary calls that may wait `wait_timeout_ms` (at most [`model::MAX_WAIT_MS`]) by contract.
+const WAITING_CALLS: [&str; 2] = [
+    "/switchboard.limiter.v1.LimiterService/Acquire",
+    "/switchboard.limiter.v1.LimiterPeerService/Forward",
+];
+
+/// Serves limiter-svc with default limiter flags on `listener` until `stop` resolves.
 pub async fn run(
     args: ServeArgs,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    run_with(args, LimiterArgs::default(), listener, stop).await
+}
+
+/// Serves limiter-svc on `listener` until `stop` resolves.
+pub async fn run_with(
+    args: ServeArgs,
+    limiter: LimiterArgs,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
-    let replica = Replica::start(&args.common, address).await?;
+    let wait = LongCall::Extra(std::time::Duration::from_millis(u64::from(
+        model::MAX_WAIT_MS,
+    )));
+    let replica = Replica::start(&args.common, address)
+        .await?
+        .with_guard(Some(GuardLayer::local(
+            limiter.max_inflight_per_account as usize,
+        )))
+        .with_long_calls(&WAITING_CALLS.map(|path| (path, wait)));
     let limits = limits::LimitTable::start(&replica.session, args.default_limit);
     if !limits.ready(plumbing::etcd::CALL_DEADLINE).await {
         return Err(EtcdError::Unavailable("could not load limits".into()).into());
@@ -149,10 +201,15 @@ pub async fn run(
         engine.clone(),
         membership.view.clone(),
         credentials,
+        replica.client_tls().clone(),
     );
     let api = api::LimiterApi::new(slots::Slots::new(dispatcher), limits);
-    let routes = Routes::new(LimiterServiceServer::new(api))
-        .add_service(LimiterPeerServiceServer::new(relay::Relay::new(engine)));
+    let max_message = args.common.limits.max_message_bytes();
+    let routes = Routes::new(LimiterServiceServer::new(api).max_decoding_message_size(max_message))
+        .add_service(
+            LimiterPeerServiceServer::new(relay::Relay::new(engine))
+                .max_decoding_message_size(max_message),
+        );
     let result = replica
         .serve(
             listener,

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use limiter_svc::ServeArgs;
+use limiter_svc::{LimiterArgs, ServeArgs};
 
 /// Concurrency limits: slots per (account, resource), kept in etcd.
 #[derive(Debug, Parser)]
@@ -12,12 +12,17 @@ use limiter_svc::ServeArgs;
 struct Cli {
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    limiter: LimiterArgs,
 }
 
 fn main() -> ExitCode {
-    let args = Cli::parse().serve;
+    let Cli {
+        serve: args,
+        limiter,
+    } = Cli::parse();
     plumbing::server::run_binary("limiter-svc", &args.common.clone(), || async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        limiter_svc::run(args, listener, plumbing::server::shutdown_signal()).await
+        limiter_svc::run_with(args, limiter, listener, plumbing::server::shutdown_signal()).await
     })
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use etcd_client::PutOptions;
-use plumbing::client::CallCredentials;
+use plumbing::client::{CallCredentials, ClientTls};
 use plumbing::etcd::{EtcdError, EtcdSession, Mirror, MirrorUpdate};
 use proto::limiter::v1::limiter_peer_service_client::LimiterPeerServiceClient;
 use tokio::sync::watch;
@@ -31,6 +31,9 @@ pub type PeerClient = LimiterPeerServiceClient<InterceptedService<Channel, CallC
 
 /// How long an operation may wait for its shard to get a reachable owner.
 pub const ROUTING_DEADLINE: Duration = Duration::from_secs(3);
+/// How long the owner may take to answer one forwarded operation, beyond the caller's wait:
+/// its slot txn is bounded by the etcd call deadline.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(6);
 
 /// Keeps the [`View`] current and this replica registered.
 #[derive(Debug)]
@@ -162,6 +165,7 @@ pub struct Dispatcher {
     engine: EngineHandle,
     view: watch::Receiver<View>,
     credentials: Option<CallCredentials>,
+    tls: ClientTls,
     peers: Arc<Mutex<HashMap<String, PeerClient>>>,
 }
 
@@ -180,18 +184,20 @@ enum Target {
 
 impl Dispatcher {
     /// A dispatcher for replica `me`; `credentials` sign calls to peers (None: no platform
-    /// secret, so keys owned elsewhere are unreachable).
+    /// secret, so keys owned elsewhere are unreachable), made over `tls`.
     pub fn new(
         me: String,
         engine: EngineHandle,
         view: watch::Receiver<View>,
         credentials: Option<CallCredentials>,
+        tls: ClientTls,
     ) -> Self {
         Self {
             me,
             engine,
             view,
             credentials,
+            tls,
             peers: Arc::default(),
         }
     }
@@ -219,7 +225,7 @@ impl Dispatcher {
         if let Some(client) = peers.get(address) {
             return Ok(client.clone());
         }
-        let channel = plumbing::client::channel(address)
+        let channel = plumbing::client::channel_with(address, &self.tls)
             .map_err(|e| Error::Peer(tonic::Status::unavailable(e.to_string())))?;
         let client = LimiterPeerServiceClient::with_interceptor(channel, credentials);
         peers.insert(address.to_owned(), client.clone());
@@ -259,12 +265,14 @@ impl Dispatcher {
                     Err(EngineError::NotOwner(_)) => {}
                     other => return other.map_err(Error::Engine),
                 },
-                Some(Ok(Target::Peer(client))) => match remote(*client).await {
-                    Err(status) if retryable(&status) => {
-                        tracing::debug!(shard, code = ?status.code(), "owner unreachable or moved; re-routing");
+                Some(Ok(Target::Peer(client))) => {
+                    match forward_within(FORWARD_DEADLINE + extra, remote(*client)).await {
+                        Err(status) if retryable(&status) => {
+                            tracing::debug!(shard, code = ?status.code(), "owner unreachable or moved; re-routing");
+                        }
+                        other => return other.map_err(Error::Peer),
                     }
-                    other => return other.map_err(Error::Peer),
-                },
+                }
                 Some(Err(err)) => return Err(err),
                 None => {}
             }
@@ -274,6 +282,26 @@ impl Dispatcher {
             let _ = tokio::time::timeout(Duration::from_millis(50), view.changed()).await;
         }
     }
+}
+
+/// `call` to a peer, or UNAVAILABLE marked [`crate::error::OUTCOME_UNKNOWN`] when it does not
+/// answer within `within`: the owner may have applied it, so it is not routed again.
+async fn forward_within<T>(
+    within: Duration,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(within, call)
+        .await
+        .unwrap_or_else(|_| {
+            let mut status = tonic::Status::unavailable(format!(
+                "the shard's owner did not answer within {within:?}; retry with the same request_id"
+            ));
+            status.metadata_mut().insert(
+                crate::error::OUTCOME_UNKNOWN,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            Err(status)
+        })
 }
 
 /// ABORTED: the peer does not own the shard. UNAVAILABLE, UNKNOWN or CANCELLED without the

@@ -1,5 +1,6 @@
-//! Calling another Switchboard service: a lazily connected channel and call credentials that
-//! sign a short-lived platform token and carry the current trace context.
+//! Calling another Switchboard service: a lazily connected channel (plain text or TLS, see
+//! [`ClientTls`]) and call credentials that sign a short-lived platform token and carry the
+//! current trace context.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,24 +11,37 @@ use tonic::{Request, Status};
 
 use crate::auth::jwt::{self, TokenRequest};
 use crate::auth::{Scope, unix_now};
+pub use crate::tls::ClientTls;
 
 /// How long service tokens live; they are re-minted when less than half remains.
 const SERVICE_TOKEN_TTL: i64 = 3600;
 
-/// A channel to `address` (`host:port` or a URL) that connects on first use and reconnects
-/// by itself.
+/// A plain-text channel to `address`, as [`channel_with`] without TLS (tools and tests
+/// talking to plain-text servers; services pass their [`ClientTls`]).
 pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    channel_with(address, &ClientTls::plain())
+}
+
+/// A channel to `address` (`host:port` or a URL) that connects on first use and reconnects
+/// by itself. With TLS on, a bare `host:port` is called over `https` and the server's
+/// certificate must be valid for `host`; an explicit `http://` URL stays plain text.
+pub fn channel_with(address: &str, tls: &ClientTls) -> Result<Channel, tonic::transport::Error> {
     let uri = if address.contains("://") {
         address.to_owned()
+    } else if tls.is_enabled() {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     };
-    Ok(Endpoint::from_shared(uri)?
+    let mut endpoint = Endpoint::from_shared(uri)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    if let Some(config) = tls.config() {
+        endpoint = endpoint.tls_config(config.clone())?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 /// An `authorization` metadata value.

@@ -24,6 +24,34 @@ pub struct CommonArgs {
     #[arg(long, env = "SWITCHBOARD_ETCD_PREFIX", default_value = "/switchboard")]
     pub etcd_prefix: String,
 
+    /// CA certificate (PEM) that signed etcd's server certificate. Turns TLS on: endpoints
+    /// without a scheme become `https://`, `http://` ones are refused.
+    #[arg(long, env = "SWITCHBOARD_ETCD_CA", value_name = "PEM")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) presented to an etcd running with `--client-cert-auth`;
+    /// needs `--etcd-key` and `--etcd-ca`.
+    #[arg(long, env = "SWITCHBOARD_ETCD_CERT", value_name = "PEM")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of `--etcd-cert`.
+    #[arg(long, env = "SWITCHBOARD_ETCD_KEY", value_name = "PEM")]
+    pub etcd_key: Option<std::path::PathBuf>,
+
+    /// etcd user name, for an etcd with authentication enabled. Its password comes from
+    /// the SWITCHBOARD_ETCD_PASSWORD environment variable or `--etcd-password-file`; there
+    /// is deliberately no flag for it (flags show in `ps`).
+    #[arg(long, env = "SWITCHBOARD_ETCD_USER", value_name = "NAME")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the password of `--etcd-user` (a trailing newline is ignored).
+    #[arg(long, env = "SWITCHBOARD_ETCD_PASSWORD_FILE", value_name = "PATH")]
+    pub etcd_password_file: Option<std::path::PathBuf>,
+
+    /// The password of `--etcd-user` from SWITCHBOARD_ETCD_PASSWORD (never a flag).
+    #[arg(skip = crate::etcd::EtcdPassword::from_env())]
+    pub etcd_password: Option<crate::etcd::EtcdPassword>,
+
     /// Key id (JWT `kid`) of the platform key, which may sign tokens for any account.
     #[arg(long, env = "SWITCHBOARD_PLATFORM_KEY_ID", default_value = "platform")]
     pub platform_key_id: String,
@@ -31,7 +59,7 @@ pub struct CommonArgs {
     /// Secret of the platform key (HS256). Without it only account keys stored in etcd
     /// are accepted. Prefer the environment variable: flags show in `ps`.
     #[arg(long, env = "SWITCHBOARD_PLATFORM_SECRET", hide_env_values = true)]
-    pub platform_secret: Option<String>,
+    pub platform_secret: Option<Secret>,
 
     /// Log format on stderr: `human` for people, `json` for log collectors.
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
@@ -50,6 +78,48 @@ pub struct CommonArgs {
     /// records); a crashed replica's state disappears within this time.
     #[arg(long, env = "SWITCHBOARD_REPLICA_TTL", default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=300))]
     pub replica_ttl: i64,
+
+    /// TLS of the gRPC server and of calls to other Switchboard services.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+
+    /// Per-connection and per-request limits: concurrent streams, message size, deadline.
+    #[command(flatten)]
+    pub limits: crate::limits::ConnectionLimits,
+}
+
+/// A secret given on the command line or in the environment: usable as `&str`, but its
+/// `Debug` never shows it (so `CommonArgs` can be logged whole).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self::new(value))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// How log lines are written.
@@ -81,6 +151,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_reads_as_its_value_and_never_debug_prints_it() {
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "test",
+            "--platform-secret",
+            "hunter2-platform-secret",
+        ]);
+        let cli = cli.unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(
+            cli.common.platform_secret.as_deref(),
+            Some("hunter2-platform-secret")
+        );
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
 
     #[test]
     fn parses_durations_with_units() {

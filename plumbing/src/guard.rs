@@ -11,6 +11,10 @@
 //! account at once, and limiting them by `*` would throttle all tenants together.
 //! When the limiter cannot be reached the guard fails open (the request proceeds; logged
 //! and counted in [`GuardLayer::fail_open_count`]) unless configured to fail closed.
+//!
+//! limiter-svc cannot guard its own API through itself: [`GuardLayer::local`] is the same
+//! guard over a local per-account count of requests in flight ([`AccountQuota`]), with
+//! the same exemptions and the same RESOURCE_EXHAUSTED answer ([`exhausted`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,14 +35,20 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
 use crate::auth::{Caller, PUBLIC_PATH_PREFIXES, Scope};
-use crate::client::CallCredentials;
+use crate::client::{CallCredentials, ClientTls};
+use crate::quota::{AccountQuota, QuotaPermit};
 
 /// Hold of a guard slot; long streams renew it.
 pub const HOLD_SECS: u32 = 60;
 /// Renewal period of guard slots of live streams.
 pub const RENEW_EVERY: Duration = Duration::from_secs(20);
-/// How long the guard waits for the limiter before failing open or closed.
+/// How long the guard waits for the limiter before failing open or closed (and for a
+/// renewal or release, which nobody waits for).
 const LIMITER_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a refusal waits for the rest of the request (see [`drain`]).
+const DRAIN_WITHIN: Duration = Duration::from_millis(100);
+/// The retry hint of a local refusal: requests in flight end within milliseconds.
+const LOCAL_RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Flags of the API guard.
 #[derive(Debug, Clone, Args)]
@@ -59,7 +69,7 @@ type Limiter = LimiterServiceClient<InterceptedService<Channel, CallCredentials>
 /// See the module docs.
 #[derive(Clone)]
 pub struct GuardLayer {
-    limiter: Limiter,
+    backend: Backend,
     fail_closed: bool,
     fail_open: Arc<AtomicU64>,
 }
@@ -68,30 +78,48 @@ impl std::fmt::Debug for GuardLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuardLayer")
             .field("fail_closed", &self.fail_closed)
+            .field("local", &matches!(self.backend, Backend::Local(_)))
             .finish_non_exhaustive()
     }
 }
 
 impl GuardLayer {
-    /// A guard calling limiter-svc at `address`, signing with the platform key.
+    /// A guard calling limiter-svc at `address` (over `tls`), signing with the platform key.
     pub fn new(
         address: &str,
+        tls: &ClientTls,
         credentials: CallCredentials,
         fail_closed: bool,
     ) -> Result<Self, tonic::transport::Error> {
-        let limiter =
-            LimiterServiceClient::with_interceptor(crate::client::channel(address)?, credentials);
+        let channel = crate::client::channel_with(address, tls)?;
+        let limiter = LimiterServiceClient::with_interceptor(channel, credentials);
         Ok(Self {
-            limiter,
+            backend: Backend::Limiter(Box::new(limiter)),
             fail_closed,
             fail_open: Arc::default(),
         })
     }
 
-    /// The guard configured by `args`, if a limiter address was given.
+    /// A guard that needs no limiter: each account may have at most `max_inflight` requests
+    /// in flight on this replica (`--max-inflight-per-account` of limiter-svc).
+    pub fn local(max_inflight: usize) -> Self {
+        Self {
+            backend: Backend::Local(AccountQuota::new(
+                max_inflight,
+                "requests in flight",
+                "--max-inflight-per-account",
+            )),
+            fail_closed: false,
+            fail_open: Arc::default(),
+        }
+    }
+
+    /// The guard configured by `args`, if a limiter address was given; it calls the limiter
+    /// over `tls` (the replica's [`crate::server::Replica::client_tls`]).
     pub fn from_args(
         args: &GuardArgs,
         common: &crate::config::CommonArgs,
+        tls: &ClientTls,
     ) -> Result<Option<Self>, tonic::transport::Error> {
         let (Some(address), Some(secret)) =
             (args.limiter.as_deref(), common.platform_secret.as_deref())
@@ -108,7 +136,7 @@ impl GuardLayer {
             secret.as_bytes(),
             &[Scope::LimiterAcquire],
         );
-        Self::new(address, credentials, args.guard_fail_closed).map(Some)
+        Self::new(address, tls, credentials, args.guard_fail_closed).map(Some)
     }
 
     /// Requests let through because the limiter could not be reached.
@@ -142,7 +170,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: Body + Unpin + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -167,9 +195,8 @@ where
             if PUBLIC_PATH_PREFIXES.iter().any(|p| path.starts_with(p)) {
                 return inner.call(request).await;
             }
-            match guard.acquire(&account, &path).await {
-                Admission::Granted(slot) => {
-                    let held = HeldSlot::start(guard.limiter.clone(), slot);
+            match guard.admit(&account, &path).await {
+                Admission::Granted(held) => {
                     let response = inner.call(request).await?;
                     Ok(response.map(|body| {
                         tonic::body::Body::new(GuardedBody {
@@ -179,20 +206,89 @@ where
                     }))
                 }
                 Admission::Open => inner.call(request).await,
-                Admission::Refused(status) => Ok(status.into_http()),
+                Admission::Refused(status) => {
+                    drain(request.into_body()).await;
+                    Ok(status.into_http())
+                }
             }
         })
     }
 }
 
+/// Where a guard takes its decisions.
+#[derive(Clone)]
+enum Backend {
+    /// limiter-svc, resource `rpc:<path>`.
+    Limiter(Box<Limiter>),
+    /// A count of requests in flight per account on this replica.
+    Local(AccountQuota),
+}
+
 enum Admission {
-    Granted(String),
+    Granted(Held),
     Open,
     Refused(tonic::Status),
 }
 
+/// Reads what is left of a refused request (a unary request's message arrives right after
+/// its headers), for at most [`DRAIN_WITHIN`], so that its stream ends cleanly. Answering
+/// first makes h2 reset the stream, and the client's late frames then cost a reset each,
+/// which h2 counts: past its limit it closes the whole connection, taking every caller
+/// sharing it (a proxy's, another tenant's) down with the flood being refused.
+async fn drain<B: Body + Unpin>(mut body: B) {
+    use http_body_util::BodyExt as _;
+    let _ = tokio::time::timeout(DRAIN_WITHIN, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
+/// RESOURCE_EXHAUSTED with `message`, the `retry-after-ms` metadata and a
+/// `google.rpc.RetryInfo` detail: every refusal of the guards, remote or local.
+pub fn exhausted(message: String, retry_after: Duration) -> tonic::Status {
+    let mut status = tonic::Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    );
+    if let Ok(value) = retry_after.as_millis().to_string().parse() {
+        status.metadata_mut().insert("retry-after-ms", value);
+    }
+    status
+}
+
 impl GuardLayer {
-    async fn acquire(&self, account: &str, path: &str) -> Admission {
+    async fn admit(&self, account: &str, path: &str) -> Admission {
+        let limiter = match &self.backend {
+            Backend::Limiter(limiter) => limiter,
+            Backend::Local(quota) => {
+                return match quota.try_acquire(account) {
+                    Ok(permit) => Admission::Granted(Held::Permit { _permit: permit }),
+                    Err(full) => Admission::Refused(exhausted(
+                        format!(
+                            "{full} (at {path}); retry after {} ms",
+                            LOCAL_RETRY_AFTER.as_millis()
+                        ),
+                        LOCAL_RETRY_AFTER,
+                    )),
+                };
+            }
+        };
+        match self.acquire(limiter, account, path).await {
+            Ok(slot) => Admission::Granted(Held::Slot {
+                _slot: Box::new(HeldSlot::start((**limiter).clone(), slot)),
+            }),
+            Err(admission) => admission,
+        }
+    }
+
+    /// A slot of `rpc:<path>`, or the admission when there is none.
+    async fn acquire(
+        &self,
+        limiter: &Limiter,
+        account: &str,
+        path: &str,
+    ) -> Result<String, Admission> {
         let request = pb::AcquireRequest {
             account_id: account.to_owned(),
             resource: format!("rpc:{path}"),
@@ -200,30 +296,25 @@ impl GuardLayer {
             hold_seconds: HOLD_SECS,
             wait_timeout_ms: 0,
         };
-        let mut limiter = self.limiter.clone();
+        let mut limiter = limiter.clone();
         let answer = tokio::time::timeout(LIMITER_DEADLINE, limiter.acquire(request)).await;
         match answer {
             Ok(Ok(answer)) => {
                 let answer = answer.into_inner();
                 if answer.decision == pb::Decision::Granted as i32 {
-                    return Admission::Granted(answer.slot_id);
+                    return Ok(answer.slot_id);
                 }
                 let retry = Duration::from_millis(u64::from(answer.retry_after_ms));
-                let mut status = tonic::Status::with_error_details(
-                    tonic::Code::ResourceExhausted,
+                Err(Admission::Refused(exhausted(
                     format!(
                         "account `{account}` has {} of {} requests in flight for {path}; retry after {} ms",
                         answer.in_flight, answer.limit, answer.retry_after_ms
                     ),
-                    ErrorDetails::with_retry_info(Some(retry)),
-                );
-                if let Ok(value) = answer.retry_after_ms.to_string().parse() {
-                    status.metadata_mut().insert("retry-after-ms", value);
-                }
-                Admission::Refused(status)
+                    retry,
+                )))
             }
-            Ok(Err(status)) => self.unreachable(&status.to_string()),
-            Err(_) => self.unreachable("no answer within the deadline"),
+            Ok(Err(status)) => Err(self.unreachable(&status.to_string())),
+            Err(_) => Err(self.unreachable("no answer within the deadline")),
         }
     }
 
@@ -238,6 +329,14 @@ impl GuardLayer {
         tracing::warn!(%why, fail_open_total = count, "API guard: limiter unreachable; letting the request through (fail open)");
         Admission::Open
     }
+}
+
+/// What an admitted request holds for the life of its response body (only for its `Drop`).
+enum Held {
+    /// A limiter slot, released when dropped.
+    Slot { _slot: Box<HeldSlot> },
+    /// A unit of the local quota, given back when dropped.
+    Permit { _permit: QuotaPermit },
 }
 
 /// A guard slot held for the life of a response body; released when the body is dropped.
@@ -261,8 +360,12 @@ impl HeldSlot {
                     slot_id: id.clone(),
                     hold_seconds: HOLD_SECS,
                 };
-                if let Err(status) = client.renew(renew).await {
-                    tracing::debug!(code = ?status.code(), "API guard: could not renew a stream's slot");
+                match tokio::time::timeout(LIMITER_DEADLINE, client.renew(renew)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(status)) => {
+                        tracing::debug!(code = ?status.code(), "API guard: could not renew a stream's slot");
+                    }
+                    Err(_) => tracing::debug!("API guard: a renewal got no answer in time"),
                 }
             }
         });
@@ -279,8 +382,15 @@ impl Drop for HeldSlot {
         self.renewing.cancel();
         let (mut limiter, slot_id) = (self.limiter.clone(), std::mem::take(&mut self.slot));
         tokio::spawn(async move {
-            if let Err(status) = limiter.release(pb::ReleaseRequest { slot_id }).await {
-                tracing::debug!(code = ?status.code(), "API guard: release failed; the slot will expire");
+            let release = limiter.release(pb::ReleaseRequest { slot_id });
+            match tokio::time::timeout(LIMITER_DEADLINE, release).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    tracing::debug!(code = ?status.code(), "API guard: release failed; the slot will expire");
+                }
+                Err(_) => tracing::debug!(
+                    "API guard: a release got no answer in time; the slot will expire"
+                ),
             }
         });
     }
@@ -289,7 +399,7 @@ impl Drop for HeldSlot {
 /// A response body that keeps its guard slot until it is done.
 struct GuardedBody {
     inner: tonic::body::Body,
-    _held: HeldSlot,
+    _held: Held,
 }
 
 impl Body for GuardedBody {

@@ -7,8 +7,11 @@
 //! - [`server`]: health, reflection, layers, graceful shutdown and the replica lease;
 //! - [`guard`]: the API guard, a layer limiting each account's in-flight requests per RPC
 //!   through limiter-svc;
+//! - [`limits`]: per-connection and per-request limits (concurrent streams, message size,
+//!   request deadline); [`quota`]: per-account caps counted on one replica;
 //! - [`metrics`]: Prometheus metrics and the `--metrics-listen` endpoint;
 //! - [`client`]: channels and call credentials for service-to-service calls;
+//! - [`tls`]: TLS of servers (with certificate reload) and of service-to-service calls;
 //! - [`validate`] and [`status`]: field rules and the mapping of these errors to gRPC codes.
 #![forbid(unsafe_code)]
 
@@ -16,9 +19,14 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod etcd;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
+pub mod limits;
 pub mod metrics;
+pub mod quota;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;

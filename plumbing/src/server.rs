@@ -11,6 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::future::Either;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -18,10 +19,12 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, KeyStore, Verifier};
 use crate::config::CommonArgs;
-use crate::etcd::{EtcdError, EtcdSession, Lease};
+use crate::etcd::{ConnectError, EtcdError, EtcdOptions, EtcdSession, Lease};
 use crate::guard::GuardLayer;
+use crate::limits::{ConnectionLimits, LongCall, RequestLimitsLayer};
 use crate::metrics::Metrics;
 use crate::telemetry::TraceLayer;
+use crate::tls::{ClientTls, ServerTls};
 
 /// Why a server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,9 @@ pub enum ServeError {
     /// etcd was unreachable at start.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    /// The etcd flags are wrong, or etcd refused the connection or login.
+    #[error(transparent)]
+    EtcdConnect(#[from] ConnectError),
     /// Binding or serving failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -38,6 +44,9 @@ pub enum ServeError {
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// A TLS flag or file is unusable (the message names the flag and the file).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What one running replica shares with its service: etcd, its lease, the key mirror and
@@ -62,12 +71,20 @@ pub struct Replica {
     verifier: Verifier,
     drain_timeout: Duration,
     guard: Option<GuardLayer>,
+    limits: ConnectionLimits,
+    long_calls: Vec<(&'static str, LongCall)>,
+    tls: Option<ServerTls>,
+    client_tls: ClientTls,
 }
 
 impl Replica {
     /// Connects to etcd, grants the replica lease and loads the key mirror.
     pub async fn start(common: &CommonArgs, address: SocketAddr) -> Result<Self, ServeError> {
-        let session = EtcdSession::connect(&common.etcd_endpoints, &common.etcd_prefix).await?;
+        // TLS files first: a bad one should stop the start before anything touches etcd.
+        let tls = ServerTls::from_args(&common.tls)?;
+        let client_tls = ClientTls::from_server_args(&common.tls)?;
+        let etcd = EtcdOptions::from_args(common).map_err(ConnectError::from)?;
+        let session = EtcdSession::connect(&etcd).await?;
         let lease = Lease::grant(&session, common.replica_ttl).await?;
         let keys = KeyStore::start(&session);
         if !keys.ready(crate::etcd::CALL_DEADLINE).await {
@@ -96,6 +113,10 @@ impl Replica {
             verifier,
             drain_timeout: common.drain_timeout,
             guard: None,
+            limits: common.limits.clone(),
+            long_calls: Vec::new(),
+            tls,
+            client_tls,
         })
     }
 
@@ -105,6 +126,13 @@ impl Replica {
             tracing::info!("API guard enabled");
         }
         self.guard = guard;
+        self
+    }
+
+    /// Registers unary calls that wait by contract, by path (`/package.Service/Method`): they
+    /// are bounded as `calls` say instead of by `--request-timeout` alone.
+    pub fn with_long_calls(mut self, calls: &[(&'static str, LongCall)]) -> Self {
+        self.long_calls.extend_from_slice(calls);
         self
     }
 
@@ -123,10 +151,15 @@ impl Replica {
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
-        let reflection = reflection_builder(service_names).build_v1()?;
-        let reflection_alpha = reflection_builder(service_names).build_v1alpha()?;
+        let max_message = self.limits.max_message_bytes();
+        let reflection = reflection_builder(service_names)
+            .build_v1()?
+            .max_decoding_message_size(max_message);
+        let reflection_alpha = reflection_builder(service_names)
+            .build_v1alpha()?
+            .max_decoding_message_size(max_message);
         let routes = routes
-            .add_service(health_service)
+            .add_service(health_service.max_decoding_message_size(max_message))
             .add_service(reflection)
             .add_service(reflection_alpha);
 
@@ -151,17 +184,25 @@ impl Replica {
                 shutdown.cancel();
             }
         };
-        tracing::info!(address = %self.address, replica = %self.replica_id, lease = self.lease.id(), "serving");
-        let server = tonic::transport::Server::builder()
+        tracing::info!(address = %self.address, replica = %self.replica_id, lease = self.lease.id(), tls = self.tls.is_some(), "serving");
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(self.limits.max_concurrent_streams)
             .layer(TraceLayer)
             .layer(self.metrics.layer())
             .layer(AuthLayer::new(self.verifier.clone()))
+            .layer(RequestLimitsLayer::new(&self.limits, &self.long_calls))
             .layer(tower::util::option_layer(self.guard.clone()))
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
+            .add_routes(routes);
+        // With TLS, every connection is handshaken with the current (reloadable) config.
+        let server = match &self.tls {
+            None => Either::Left(router.serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 signal,
-            );
+            )),
+            Some(tls) => {
+                Either::Right(router.serve_with_incoming_shutdown(tls.incoming(listener), signal))
+            }
+        };
         tokio::pin!(server);
         let result = tokio::select! {
             result = &mut server => result,
@@ -178,6 +219,12 @@ impl Replica {
         }
         tracing::info!("stopped");
         result.map_err(ServeError::from)
+    }
+
+    /// What this replica's calls to other Switchboard services use (`--tls-ca`, with
+    /// `--tls-cert`/`--tls-key` as client certificate): plain text without `--tls-ca`.
+    pub fn client_tls(&self) -> &ClientTls {
+        &self.client_tls
     }
 
     /// A verifier for this replica's keys (also for tests and peers).

@@ -2,8 +2,6 @@
 //! checks the caller, turns the request into domain values (with the field rules), calls
 //! the domain and turns the result into the response.
 
-use std::collections::HashSet;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use plumbing::auth::{Caller, Scope};
@@ -17,16 +15,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::devices::DeviceStore;
 use crate::error::Error;
-use crate::identity::{self, DeviceRef, EmptyDevice, acting_key};
-use crate::record::{DeviceKey, DeviceStatus, timestamp};
+use crate::record::timestamp;
 use crate::relay::{RELAYED, Relay};
 use crate::rules;
 use crate::session::Sessions;
-use crate::watch::{PresenceWatch, Start, WatchRequest};
+use crate::watch::PresenceWatch;
 
-/// Largest request the presence API decodes (a BatchGetPresence of 1000 longest
-/// identities fits; anything larger is refused before it is buffered whole).
-pub const MAX_REQUEST_BYTES: usize = 512 * 1024;
+#[path = "api_requests.rs"]
+pub mod requests;
+
 /// Largest answer BatchGetPresence gives (gRPC clients refuse 4 MiB by default).
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 /// ListPresence pages stop growing at about this size.
@@ -57,20 +54,6 @@ fn caller<T>(request: &Request<T>, scope: Scope) -> Result<Caller, Error> {
     Ok(caller)
 }
 
-fn device_key(
-    caller: &Caller,
-    account: &str,
-    identity: &str,
-    device: &str,
-) -> Result<DeviceKey, Error> {
-    let device = DeviceRef {
-        account_id: account,
-        identity,
-        device_id: device,
-    };
-    acting_key(caller, "", device, EmptyDevice::Refuse)
-}
-
 #[tonic::async_trait]
 impl PresenceService for PresenceApi {
     #[tracing::instrument(skip_all)]
@@ -79,22 +62,11 @@ impl PresenceService for PresenceApi {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let caller = caller(&request, Scope::PresenceRegister)?;
-        let body = request.into_inner();
-        let device = DeviceRef {
-            account_id: &body.account_id,
-            identity: &body.identity,
-            device_id: &body.device_id,
-        };
-        let key = acting_key(&caller, "", device, EmptyDevice::Generate)?;
-        let status = rules::device_status("status", body.status, Some(DeviceStatus::Available))
-            .map_err(Error::from)?
-            .unwrap_or(DeviceStatus::Available);
-        let ttl = rules::ttl("ttl_seconds", body.ttl_seconds).map_err(Error::from)?;
-        let attributes = rules::attributes("attributes", &body.attributes).map_err(Error::from)?;
-        rules::contact("contact", &body.contact).map_err(Error::from)?;
+        let (device, ttl) = requests::register(&caller, request.get_ref())?;
+        let contact = request.into_inner().contact;
         let written = self
             .store
-            .register(key, status, attributes, body.contact, ttl)
+            .register(device.key, device.status, device.attributes, contact, ttl)
             .await?;
         Ok(Response::new(pb::RegisterResponse {
             device: Some(written.device),
@@ -109,7 +81,7 @@ impl PresenceService for PresenceApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let caller = caller(&request, Scope::PresenceRegister)?;
         let body = request.into_inner();
-        let key = device_key(&caller, &body.account_id, &body.identity, &body.device_id)?;
+        let key = requests::device(&caller, &body.account_id, &body.identity, &body.device_id)?;
         let expires = self.store.heartbeat(&key).await?;
         Ok(Response::new(pb::HeartbeatResponse {
             expire_time: Some(timestamp(expires)),
@@ -122,12 +94,11 @@ impl PresenceService for PresenceApi {
         request: Request<pb::UpdateStatusRequest>,
     ) -> Result<Response<pb::UpdateStatusResponse>, Status> {
         let caller = caller(&request, Scope::PresenceRegister)?;
-        let body = request.into_inner();
-        let key = device_key(&caller, &body.account_id, &body.identity, &body.device_id)?;
-        let status = rules::device_status("status", body.status, None).map_err(Error::from)?;
-        let attributes = rules::attributes("attributes", &body.attributes).map_err(Error::from)?;
-        let attributes = (!attributes.is_empty()).then_some(attributes);
-        let written = self.store.update(&key, status, attributes, None).await?;
+        let (key, change) = requests::update_status(&caller, request.get_ref())?;
+        let written = self
+            .store
+            .update(&key, change.status, change.attributes, None)
+            .await?;
         Ok(Response::new(pb::UpdateStatusResponse {
             device: Some(written.device),
             revision: written.revision,
@@ -141,7 +112,7 @@ impl PresenceService for PresenceApi {
     ) -> Result<Response<pb::UnregisterResponse>, Status> {
         let caller = caller(&request, Scope::PresenceRegister)?;
         let body = request.into_inner();
-        let key = device_key(&caller, &body.account_id, &body.identity, &body.device_id)?;
+        let key = requests::device(&caller, &body.account_id, &body.identity, &body.device_id)?;
         let revision = self.store.unregister(&key).await?;
         Ok(Response::new(pb::UnregisterResponse {
             removed: revision.is_some(),
@@ -165,14 +136,12 @@ impl PresenceService for PresenceApi {
         request: Request<pb::GetPresenceRequest>,
     ) -> Result<Response<pb::GetPresenceResponse>, Status> {
         let caller = caller(&request, Scope::PresenceRead)?;
+        let read = requests::get_presence(&caller, request.get_ref())?;
         let body = request.into_inner();
-        let account = identity::account(&caller, "account_id", &body.account_id)?;
-        rules::identity("identity", &body.identity).map_err(Error::from)?;
-        let min = rules::min_revision("min_revision", body.min_revision).map_err(Error::from)?;
         let cache = self.store.cache();
-        let revision = cache.caught_up(min).await?;
+        let revision = cache.caught_up(read.min_revision).await?;
         Ok(Response::new(pb::GetPresenceResponse {
-            presence: Some(cache.presence(&account, &body.identity)),
+            presence: Some(cache.presence(&read.account, &body.identity)),
             revision,
         }))
     }
@@ -183,17 +152,15 @@ impl PresenceService for PresenceApi {
         request: Request<pb::BatchGetPresenceRequest>,
     ) -> Result<Response<pb::BatchGetPresenceResponse>, Status> {
         let caller = caller(&request, Scope::PresenceRead)?;
+        let read = requests::batch_get_presence(&caller, request.get_ref())?;
         let body = request.into_inner();
-        let account = identity::account(&caller, "account_id", &body.account_id)?;
-        rules::identities("identities", &body.identities, false).map_err(Error::from)?;
-        let min = rules::min_revision("min_revision", body.min_revision).map_err(Error::from)?;
         let cache = self.store.cache();
-        let revision = cache.caught_up(min).await?;
+        let revision = cache.caught_up(read.min_revision).await?;
         let answer = pb::BatchGetPresenceResponse {
             presences: body
                 .identities
                 .iter()
-                .map(|identity| cache.presence(&account, identity))
+                .map(|identity| cache.presence(&read.account, identity))
                 .collect(),
             revision,
         };
@@ -214,16 +181,16 @@ impl PresenceService for PresenceApi {
         request: Request<pb::ListPresenceRequest>,
     ) -> Result<Response<pb::ListPresenceResponse>, Status> {
         let caller = caller(&request, Scope::PresenceRead)?;
-        let body = request.into_inner();
-        let account = identity::account(&caller, "account_id", &body.account_id)?;
-        let size = rules::page_size("page_size", body.page_size).map_err(Error::from)?;
-        let filter = rules::status_filter("status", body.status).map_err(Error::from)?;
-        let after = PageToken::decode(&body.page_token, filter)?;
-        let min = rules::min_revision("min_revision", body.min_revision).map_err(Error::from)?;
+        let (read, size, filter, after) = requests::list_presence(&caller, request.get_ref())?;
         let cache = self.store.cache();
-        let revision = cache.caught_up(min).await?;
-        let (presences, next) =
-            cache.list(&account, filter, after.as_deref(), size, MAX_PAGE_BYTES);
+        let revision = cache.caught_up(read.min_revision).await?;
+        let (presences, next) = cache.list(
+            &read.account,
+            filter,
+            after.as_deref(),
+            size,
+            MAX_PAGE_BYTES,
+        );
         Ok(Response::new(pb::ListPresenceResponse {
             presences,
             next_page_token: next
@@ -238,31 +205,7 @@ impl PresenceService for PresenceApi {
         request: Request<pb::WatchPresenceRequest>,
     ) -> Result<Response<BoxStream<pb::WatchPresenceResponse>>, Status> {
         let caller = caller(&request, Scope::PresenceRead)?;
-        let body = request.into_inner();
-        let account = identity::account(&caller, "account_id", &body.account_id)?;
-        rules::identities("identities", &body.identities, true).map_err(Error::from)?;
-        let start = match (body.snapshot, body.start_revision) {
-            (_, revision) if revision < 0 => {
-                return Err(
-                    Error::from(FieldError::new("start_revision", "must not be negative")).into(),
-                );
-            }
-            (true, 0) => Start::Snapshot,
-            (true, _) => {
-                return Err(Error::from(FieldError::new(
-                    "start_revision",
-                    "must be 0 when snapshot is true",
-                ))
-                .into());
-            }
-            (false, 0) => Start::Now,
-            (false, revision) => Start::From(revision),
-        };
-        let request = WatchRequest {
-            account,
-            identities: body.identities.into_iter().collect::<HashSet<_>>(),
-            start,
-        };
+        let request = requests::watch_presence(&caller, request.get_ref())?;
         Ok(Response::new(Box::pin(self.watch.open(request).await?)))
     }
 }

@@ -48,16 +48,23 @@ type Identities = BTreeMap<String, BTreeMap<String, StoredDevice>>;
 #[derive(Debug, Default)]
 struct Store {
     accounts: HashMap<String, Identities>,
+    /// Devices per account, kept with `accounts` so the account device cap costs no scan.
+    counts: HashMap<String, usize>,
 }
 
 impl Store {
     fn insert(&mut self, device: StoredDevice) {
-        self.accounts
-            .entry(device.key.account.clone())
+        let account = device.key.account.clone();
+        let replaced = self
+            .accounts
+            .entry(account.clone())
             .or_default()
             .entry(device.key.identity.clone())
             .or_default()
             .insert(device.key.device_id.clone(), device);
+        if replaced.is_none() {
+            *self.counts.entry(account).or_default() += 1;
+        }
     }
 
     fn remove(&mut self, key: &DeviceKey) {
@@ -65,13 +72,18 @@ impl Store {
             return;
         };
         if let Some(devices) = identities.get_mut(&key.identity) {
-            devices.remove(&key.device_id);
+            if devices.remove(&key.device_id).is_some()
+                && let Some(count) = self.counts.get_mut(&key.account)
+            {
+                *count = count.saturating_sub(1);
+            }
             if devices.is_empty() {
                 identities.remove(&key.identity);
             }
         }
         if identities.is_empty() {
             self.accounts.remove(&key.account);
+            self.counts.remove(&key.account);
         }
     }
 
@@ -133,6 +145,12 @@ impl PresenceCache {
             .flat_map(|identities| identities.values())
             .map(BTreeMap::len)
             .sum()
+    }
+
+    /// Devices present in `account` (registrations and streams, on every replica).
+    pub fn account_device_count(&self, account: &str) -> usize {
+        let store = self.store.read().unwrap_or_else(PoisonError::into_inner);
+        store.counts.get(account).copied().unwrap_or(0)
     }
 
     /// The revision the cache reflects (0 before the first snapshot).

@@ -61,6 +61,19 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A new device would exceed the per-account device limit.
+    #[error(
+        "account `{account}` already has {limit} devices present, the per-account limit (--max-devices-per-account); unregister one or close its stream first"
+    )]
+    AccountDeviceLimit {
+        /// The account.
+        account: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The account holds its cap of something on this replica (watches).
+    #[error(transparent)]
+    Quota(#[from] plumbing::quota::QuotaFull),
     /// Concurrent changes to the same identity kept a transaction from applying.
     #[error("identity `{identity}` changed concurrently too often; retry")]
     Contention {
@@ -138,9 +151,10 @@ impl From<Error> for Status {
             Error::HeldByStream { .. } | Error::NoLiveSession { .. } => {
                 Status::failed_precondition(message)
             }
-            Error::DeviceLimit { .. } | Error::TooLarge { .. } => {
-                Status::resource_exhausted(message)
-            }
+            Error::DeviceLimit { .. }
+            | Error::AccountDeviceLimit { .. }
+            | Error::Quota(_)
+            | Error::TooLarge { .. } => Status::resource_exhausted(message),
             Error::Contention { .. } | Error::Displaced(_) => Status::aborted(message),
             Error::NotCaughtUp { .. } => Status::deadline_exceeded(message),
             Error::DuplicateOffer(_) => Status::already_exists(message),

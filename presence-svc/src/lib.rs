@@ -91,7 +91,15 @@
 //! attributes ≤ 32 entries, keys ≤ 64, values ≤ 256 characters, ≤ 4 KiB in all; contact
 //! ≤ 1024 characters; batch and watch lists ≤ 1000 identities; ListPresence pages ≤ 1000
 //! identities and about 2 MiB; offer parameters ≤ 64 entries, names 1–64 and values ≤ 1024
-//! characters; requests ≤ 512 KiB (larger ones are refused before they are buffered).
+//! characters; requests ≤ `--max-message-bytes` (default 512 KiB, where a BatchGetPresence
+//! of 1000 longest identities fits; larger ones are refused before they are buffered).
+//!
+//! # Abuse limits
+//!
+//! Beside the per-identity device limit: at most `--max-devices-per-account` devices per
+//! account (see [`devices`]) and `--max-watches-per-account` WatchPresence streams per
+//! account on each replica; both refuse with RESOURCE_EXHAUSTED naming the cap. The
+//! per-connection limits and the request deadline are [`plumbing::limits`].
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -99,6 +107,8 @@ pub mod cache;
 pub mod commit;
 pub mod devices;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod keys;
 pub mod notes;
@@ -128,13 +138,10 @@ use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
-use crate::api::{MAX_REQUEST_BYTES, PresenceApi, RelayApi};
+use crate::api::{PresenceApi, RelayApi};
 use crate::devices::{DeviceLimit, DeviceStore, OverflowPolicy};
 use crate::record::Layout;
 use crate::table::SessionTable;
-
-/// Largest request the relay decodes (64 parameters of 64 + 1024 characters fit).
-const MAX_RELAY_REQUEST_BYTES: usize = 512 * 1024;
 
 /// Flags of the presence server.
 #[derive(Debug, Clone, Args)]
@@ -160,6 +167,16 @@ pub struct PresenceArgs {
     #[arg(long, env = "SWITCHBOARD_DEVICE_OVERFLOW", value_enum, default_value_t = OverflowPolicy::RejectNewest)]
     pub device_overflow: OverflowPolicy,
 
+    /// Most devices (registrations and live sessions) one account may have present, all
+    /// identities together; beyond it new devices are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SWITCHBOARD_MAX_DEVICES_PER_ACCOUNT", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_devices_per_account: u32,
+
+    /// Most WatchPresence streams one account may have open on this replica (each holds an
+    /// etcd watch); beyond it WatchPresence is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SWITCHBOARD_MAX_WATCHES_PER_ACCOUNT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watches_per_account: u32,
+
     /// `host:port` other replicas and the router use to reach this replica's sessions
     /// (written into stream records). Default: the listen address.
     #[arg(long, env = "SWITCHBOARD_ADVERTISE_ADDRESS")]
@@ -175,6 +192,8 @@ impl Default for PresenceArgs {
         Self {
             max_devices_per_identity: 10,
             device_overflow: OverflowPolicy::RejectNewest,
+            max_devices_per_account: 100_000,
+            max_watches_per_account: 1000,
             advertise_address: None,
             guard: GuardArgs {
                 limiter: None,
@@ -201,10 +220,9 @@ pub async fn run_with(
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let listen = listener.local_addr()?;
-    let guard = GuardLayer::from_args(&presence.guard, &args.common)?;
-    let replica = Replica::start(&args.common, listen)
-        .await?
-        .with_guard(guard);
+    let replica = Replica::start(&args.common, listen).await?;
+    let guard = GuardLayer::from_args(&presence.guard, &args.common, replica.client_tls())?;
+    let replica = replica.with_guard(guard);
     let address = presence
         .advertise_address
         .clone()
@@ -223,15 +241,16 @@ pub async fn run_with(
         }
     };
     let watcher = tokio::spawn(stop_on_loss);
+    let max_message = args.common.limits.max_message_bytes();
     let routes =
-        Routes::new(PresenceServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        Routes::new(PresenceServiceServer::new(api).max_decoding_message_size(max_message))
             .add_service(
-                SessionRelayServiceServer::new(relay)
-                    .max_decoding_message_size(MAX_RELAY_REQUEST_BYTES),
+                SessionRelayServiceServer::new(relay).max_decoding_message_size(max_message),
             )
-            .add_service(KeyServiceServer::new(keys::KeyApi::new(
-                replica.keys.clone(),
-            )));
+            .add_service(
+                KeyServiceServer::new(keys::KeyApi::new(replica.keys.clone()))
+                    .max_decoding_message_size(max_message),
+            );
     let names = [
         <PresenceServiceServer<PresenceApi> as NamedService>::NAME,
         <SessionRelayServiceServer<RelayApi> as NamedService>::NAME,
@@ -260,6 +279,7 @@ fn assemble(
     let limit = DeviceLimit {
         max: usize::from(presence.max_devices_per_identity),
         overflow: presence.device_overflow,
+        max_per_account: presence.max_devices_per_account as usize,
     };
     let txn = plumbing::metrics::TxnStats::register(&replica.metrics, "presence", "Record writes");
     let store = DeviceStore::new(session.clone(), layout.clone(), cache.clone(), limit, txn);
@@ -270,7 +290,12 @@ fn assemble(
         address.clone(),
         replica.shutdown.clone(),
     );
-    let watch = watch::PresenceWatch::new(session.clone(), layout, replica.shutdown.clone());
+    let watch = watch::PresenceWatch::new(
+        session.clone(),
+        layout,
+        replica.shutdown.clone(),
+        presence.max_watches_per_account as usize,
+    );
     let credentials = common
         .platform_secret
         .as_deref()
@@ -282,7 +307,13 @@ fn assemble(
                 &[Scope::RouterRoute],
             )
         });
-    let relay = relay::Relay::new(table, cache, address, credentials);
+    let relay = relay::Relay::new(
+        table,
+        cache,
+        address,
+        credentials,
+        replica.client_tls().clone(),
+    );
     (
         PresenceApi::new(store, sessions, watch),
         RelayApi::new(relay),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use plumbing::auth::{Caller, Scope};
-use plumbing::client::CallCredentials;
+use plumbing::client::{CallCredentials, ClientTls};
 use plumbing::validate::FieldError;
 use proto::presence::v1 as pb;
 use proto::presence::v1::offer_request::Kind as In;
@@ -34,6 +34,9 @@ use crate::table::{Command, LegEvent, SessionHandle, SessionTable};
 pub const RELAYED: &str = "x-switchboard-relayed";
 /// How long the caller may take to send `start`, and a session to take an offer.
 const FIRST_WITHIN: Duration = Duration::from_secs(10);
+/// How long a forwarded offer may take to be set up on the holder (which itself waits up to
+/// [`FIRST_WITHIN`] for the session to take it); the leg then lasts as the caller says.
+const FORWARD_WITHIN: Duration = Duration::from_secs(15);
 /// Events of one leg in flight (delivered, answered, then an end).
 const LEG_EVENTS: usize = 4;
 
@@ -52,17 +55,19 @@ struct Inner {
     cache: PresenceCache,
     address: String,
     credentials: Option<CallCredentials>,
+    tls: ClientTls,
     peers: Mutex<HashMap<String, Channel>>,
 }
 
 impl Relay {
     /// A relay for the sessions in `table`; `credentials` sign calls to peers (without a
-    /// platform key, offers for devices on other replicas are UNAVAILABLE).
+    /// platform key, offers for devices on other replicas are UNAVAILABLE), made over `tls`.
     pub fn new(
         table: Arc<SessionTable>,
         cache: PresenceCache,
         address: String,
         credentials: Option<CallCredentials>,
+        tls: ClientTls,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -70,6 +75,7 @@ impl Relay {
                 cache,
                 address,
                 credentials,
+                tls,
                 peers: Mutex::default(),
             }),
         }
@@ -133,12 +139,15 @@ impl Relay {
         request
             .metadata_mut()
             .insert(RELAYED, tonic::metadata::MetadataValue::from_static("1"));
-        match client.offer(request).await {
-            Ok(response) => Ok(Box::pin(response.into_inner())),
-            Err(status) if status.code() == Code::Unavailable => {
+        match tokio::time::timeout(FORWARD_WITHIN, client.offer(request)).await {
+            Ok(Ok(response)) => Ok(Box::pin(response.into_inner())),
+            Ok(Err(status)) if status.code() == Code::Unavailable => {
                 Err(unavailable(status.message().to_owned()))
             }
-            Err(status) => Err(Error::Passthrough(status)),
+            Ok(Err(status)) => Err(Error::Passthrough(status)),
+            Err(_) => Err(unavailable(format!(
+                "it did not take the offer within {FORWARD_WITHIN:?}"
+            ))),
         }
     }
 
@@ -151,7 +160,7 @@ impl Relay {
         if let Some(channel) = peers.get(address) {
             return Ok(channel.clone());
         }
-        let channel = plumbing::client::channel(address)?;
+        let channel = plumbing::client::channel_with(address, &self.inner.tls)?;
         peers.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }

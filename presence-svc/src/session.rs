@@ -18,11 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::BoxStream;
 use tonic::{Status, Streaming};
 
+use crate::api::requests::{self, Announcement};
 use crate::devices::{Admission, DeviceStore};
 use crate::error::Error;
-use crate::identity::{DeviceRef, EmptyDevice, acting_key};
-use crate::record::{DeviceKey, DeviceRecord, DeviceStatus, Kind, now_ms};
-use crate::rules;
+use crate::record::{DeviceKey, DeviceRecord, Kind, now_ms};
 use crate::table::{Command, Displacement, LegEvent, SessionHandle, SessionTable};
 
 /// How long a new stream may take to send `hello`.
@@ -82,16 +81,11 @@ impl Sessions {
     ) -> Result<BoxStream<pb::ConnectResponse>, Error> {
         caller.require(Scope::PresenceRegister)?;
         let hello = first_hello(&mut inbound).await?;
-        let device = DeviceRef {
-            account_id: &hello.account_id,
-            identity: &hello.identity,
-            device_id: &hello.device_id,
-        };
-        let key = acting_key(caller, "hello.", device, EmptyDevice::Generate)?;
-        let status =
-            rules::device_status("hello.status", hello.status, Some(DeviceStatus::Available))?
-                .unwrap_or(DeviceStatus::Available);
-        let attributes = rules::attributes("hello.attributes", &hello.attributes)?;
+        let Announcement {
+            key,
+            status,
+            attributes,
+        } = requests::connect_hello(caller, &hello)?;
         let id = format!("{:016x}", rand::random::<u64>());
         let record = DeviceRecord {
             status,
@@ -257,16 +251,7 @@ impl SessionTask {
     }
 
     fn on_answer(&mut self, answer: pb::ConnectAnswer) -> Result<(), Error> {
-        rules::external_id("answer.offer_id", &answer.offer_id)?;
-        let reason = match pb::RejectReason::try_from(answer.reject_reason) {
-            Ok(pb::RejectReason::Unspecified) => pb::RejectReason::Declined,
-            Ok(reason) => reason,
-            Err(_) => {
-                return Err(
-                    rules::unknown_enum("answer.reject_reason", answer.reject_reason).into(),
-                );
-            }
-        };
+        let reason = requests::connect_answer(&answer)?;
         // Answers to unknown, cancelled or already answered offers are ignored.
         let Some(leg) = self.legs.get_mut(&answer.offer_id) else {
             return Ok(());
@@ -288,14 +273,17 @@ impl SessionTask {
     }
 
     async fn on_status(&mut self, status: pb::ConnectStatus) -> Result<(), Error> {
-        let new_status = rules::device_status("status.status", status.status, None)?;
-        let attributes = rules::attributes("status.attributes", &status.attributes)?;
-        let attributes = (!attributes.is_empty()).then_some(attributes);
+        let change = requests::connect_status(&status)?;
         let written = self
             .sessions
             .inner
             .store
-            .update(&self.key, new_status, attributes, Some(&self.handle.id))
+            .update(
+                &self.key,
+                change.status,
+                change.attributes,
+                Some(&self.handle.id),
+            )
             .await?;
         self.device = written.device.clone();
         self.push(registered(written.device)).await;
@@ -303,7 +291,7 @@ impl SessionTask {
     }
 
     async fn on_hangup(&mut self, hangup: pb::ConnectHangup) -> Result<(), Error> {
-        rules::external_id("hangup.communication_id", &hangup.communication_id)?;
+        requests::connect_hangup(&hangup)?;
         let offer_id = self
             .legs
             .iter()

@@ -1,12 +1,15 @@
 //! WatchPresence: device-level changes of one account, straight from an etcd watch on the
 //! account's prefix (so it can start at any revision etcd still has, and resumes across etcd
 //! restarts without losing or repeating a change), optionally after a snapshot read at one
-//! revision.
+//! revision. Each account may have at most `--max-watches-per-account` watches open on one
+//! replica (each is an etcd watch); the unit is given back when the stream ends or its
+//! client goes away.
 
 use std::collections::{HashMap, HashSet};
 
 use etcd_client::{Event, EventType, GetOptions};
 use plumbing::etcd::{EtcdSession, WatchItem, WatchSpec, follow};
+use plumbing::quota::{AccountQuota, QuotaPermit};
 use proto::presence::v1 as pb;
 use proto::presence::v1::watch_presence_response::Event as Out;
 use tokio::sync::mpsc;
@@ -56,21 +59,34 @@ pub struct PresenceWatch {
     session: EtcdSession,
     layout: Layout,
     shutdown: CancellationToken,
+    watches: AccountQuota,
 }
 
 impl PresenceWatch {
-    /// Watches under `layout`; streams end when `shutdown` fires.
-    pub fn new(session: EtcdSession, layout: Layout, shutdown: CancellationToken) -> Self {
+    /// Watches under `layout`, at most `max_per_account` open per account; streams end
+    /// when `shutdown` fires.
+    pub fn new(
+        session: EtcdSession,
+        layout: Layout,
+        shutdown: CancellationToken,
+        max_per_account: usize,
+    ) -> Self {
         Self {
             session,
             layout,
             shutdown,
+            watches: AccountQuota::new(
+                max_per_account,
+                "watches open",
+                "--max-watches-per-account",
+            ),
         }
     }
 
     /// Starts a watch; the snapshot (if asked for) is read before this returns, and "now"
     /// is fixed before it returns too, so that a change the caller makes afterwards is seen.
     pub async fn open(&self, request: WatchRequest) -> Result<WatchStream, Error> {
+        let permit = self.watches.try_acquire(&request.account)?;
         let (snapshot, from) = match request.start {
             Start::Snapshot => {
                 let (devices, revision) = self.snapshot(&request).await?;
@@ -95,6 +111,7 @@ impl PresenceWatch {
             notes: HashMap::new(),
             next: from,
             outbound,
+            _permit: permit,
         };
         tokio::spawn(task.run(snapshot, items, self.shutdown.clone()));
         Ok(ReceiverStream::new(stream))
@@ -150,6 +167,8 @@ struct WatchTask {
     /// The revision delivery resumes from.
     next: i64,
     outbound: mpsc::Sender<Result<pb::WatchPresenceResponse, Status>>,
+    /// This watch's unit of the account's quota, given back when the task ends.
+    _permit: QuotaPermit,
 }
 
 impl WatchTask {

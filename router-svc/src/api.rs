@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use futures::Stream;
 use plumbing::auth::{Caller, Scope};
-use plumbing::validate;
 use proto::router::v1 as pb;
 use proto::router::v1::router_service_server::RouterService;
 use tonic::{Request, Response, Status};
@@ -18,6 +17,9 @@ use crate::forward;
 use crate::model::millis;
 use crate::rules;
 use crate::watch;
+
+#[path = "api_requests.rs"]
+pub mod requests;
 
 /// The RouterService handlers.
 #[derive(Debug, Clone)]
@@ -34,11 +36,7 @@ impl RouterApi {
 
 /// The caller holding `scope`, and the account the request acts on.
 fn authorise<T>(request: &Request<T>, scope: Scope, account_id: &str) -> Result<String, Error> {
-    let caller = Caller::of(request)?;
-    caller.require(scope)?;
-    let account = caller.account_for(account_id)?;
-    validate::account_id("account_id", &account)?;
-    Ok(account)
+    requests::account(&Caller::of(request)?, scope, account_id)
 }
 
 fn forwarded<T>(request: &Request<T>) -> bool {
@@ -58,11 +56,7 @@ impl RouterService for RouterApi {
     ) -> Result<Response<pb::PutApplicationResponse>, Status> {
         let app = request.get_ref().application.clone().unwrap_or_default();
         let account = authorise(&request, Scope::RouterAdmin, &app.account_id)?;
-        if request.get_ref().application.is_none() {
-            return Err(
-                Error::from(validate::FieldError::new("application", "must be set")).into(),
-            );
-        }
+        requests::put_application(request.get_ref())?;
         let (record, created) = self.engine.apps.put(&account, &app).await?;
         Ok(Response::new(pb::PutApplicationResponse {
             application: Some(record.to_pb(&account, &app.address, true)),
@@ -77,6 +71,7 @@ impl RouterService for RouterApi {
     ) -> Result<Response<pb::GetApplicationResponse>, Status> {
         let account = authorise(&request, Scope::RouterAdmin, &request.get_ref().account_id)?;
         let address = &request.get_ref().address;
+        requests::application_address(address)?;
         let record = self.engine.apps.get(&account, address).await?;
         Ok(Response::new(pb::GetApplicationResponse {
             application: Some(record.to_pb(&account, address, false)),
@@ -89,6 +84,7 @@ impl RouterService for RouterApi {
         request: Request<pb::DeleteApplicationRequest>,
     ) -> Result<Response<pb::DeleteApplicationResponse>, Status> {
         let account = authorise(&request, Scope::RouterAdmin, &request.get_ref().account_id)?;
+        requests::application_address(&request.get_ref().address)?;
         let deleted = self
             .engine
             .apps
@@ -104,9 +100,12 @@ impl RouterService for RouterApi {
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
         let account = authorise(&request, Scope::RouterAdmin, &request.get_ref().account_id)?;
         let r = request.into_inner();
-        let size = rules::page_size(r.page_size).map_err(Error::from)?;
-        let after = rules::cursor(&r.page_token).map_err(Error::from)?;
-        let (page, next) = self.engine.apps.list(&account, size, after).await?;
+        let page = requests::list_applications(&r)?;
+        let (page, next) = self
+            .engine
+            .apps
+            .list(&account, page.size, page.after)
+            .await?;
         Ok(Response::new(pb::ListApplicationsResponse {
             applications: page
                 .iter()
@@ -124,7 +123,7 @@ impl RouterService for RouterApi {
         let account = authorise(&request, Scope::RouterRoute, &request.get_ref().account_id)?;
         let is_forwarded = forwarded(&request);
         let mut r = request.into_inner();
-        let channel = rules::route(&r).map_err(Error::from)?;
+        let channel = requests::route(&r)?;
         if r.communication_id.is_empty() {
             r.communication_id = rules::new_communication_id();
         }
@@ -160,7 +159,7 @@ impl RouterService for RouterApi {
     ) -> Result<Response<pb::GetCommunicationResponse>, Status> {
         let account = authorise(&request, Scope::RouterRoute, &request.get_ref().account_id)?;
         let id = &request.get_ref().communication_id;
-        rules::communication_id("communication_id", id).map_err(Error::from)?;
+        requests::communication_id(id)?;
         let communication = match self.engine.find(&account, id).await? {
             Found::Here(live) => live.snapshot(),
             Found::Stored(comm) => *comm,
@@ -178,16 +177,7 @@ impl RouterService for RouterApi {
     ) -> Result<Response<pb::ListCommunicationsResponse>, Status> {
         let account = authorise(&request, Scope::RouterRoute, &request.get_ref().account_id)?;
         let r = request.into_inner();
-        let size = rules::page_size(r.page_size).map_err(Error::from)?;
-        let after = rules::cursor(&r.page_token).map_err(Error::from)?;
-        let after = after.map(|c| parse_cursor(&c)).transpose()?;
-        if pb::CommunicationState::try_from(r.state).is_err() {
-            return Err(Error::from(validate::FieldError::new(
-                "state",
-                format!("unknown value {}", r.state),
-            ))
-            .into());
-        }
+        let requests::Page { size, after } = requests::list_communications(&r)?;
         let mut all = self.engine.list(&account).await?;
         all.retain(|c| r.state == 0 || c.state == r.state);
         let key =
@@ -215,8 +205,7 @@ impl RouterService for RouterApi {
         let account = authorise(&request, Scope::RouterRoute, &request.get_ref().account_id)?;
         let is_forwarded = forwarded(&request);
         let mut r = request.into_inner();
-        rules::communication_id("communication_id", &r.communication_id).map_err(Error::from)?;
-        rules::reason(&r.reason).map_err(Error::from)?;
+        requests::hangup(&r)?;
         let communication = match self.engine.find(&account, &r.communication_id).await? {
             Found::Here(live) => self.engine.hangup(&live, r.reason).await,
             Found::Stored(comm) => *comm,
@@ -239,7 +228,17 @@ impl RouterService for RouterApi {
         let account = authorise(&request, Scope::RouterRoute, &request.get_ref().account_id)?;
         let is_forwarded = forwarded(&request);
         let mut r = request.into_inner();
-        rules::communication_id("communication_id", &r.communication_id).map_err(Error::from)?;
+        requests::communication_id(&r.communication_id)?;
+        // A forwarded watch was counted on the replica the client called.
+        let permit = match is_forwarded {
+            false => Some(
+                self.engine
+                    .watches
+                    .try_acquire(&account)
+                    .map_err(Error::from)?,
+            ),
+            true => None,
+        };
         let stream = match self.engine.find(&account, &r.communication_id).await? {
             Found::Here(live) => watch::live(live),
             Found::Stored(comm) => watch::replay(*comm),
@@ -249,7 +248,7 @@ impl RouterService for RouterApi {
             }
             Found::Elsewhere(owner, _) => return Err(owner_moved(owner).into()),
         };
-        Ok(Response::new(stream))
+        Ok(Response::new(watch::holding(stream, permit)))
     }
 }
 
@@ -258,13 +257,4 @@ fn owner_moved(owner: String) -> Error {
         address: owner,
         reason: "it does not run the communication its record names it for".into(),
     }
-}
-
-fn parse_cursor(cursor: &str) -> Result<(i64, String), Error> {
-    cursor
-        .split_once(':')
-        .and_then(|(ms, id)| Some((ms.parse().ok()?, id.to_owned())))
-        .ok_or_else(|| {
-            validate::FieldError::new("page_token", "is not a token this server returned").into()
-        })
 }

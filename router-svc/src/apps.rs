@@ -2,6 +2,11 @@
 //! watch-fed copy of all of them, so that Route finds its application without an etcd read.
 //! Account ids and addresses cannot contain `/`, so keys parse back unambiguously and one
 //! prefix per account isolates tenants.
+//!
+//! An account may have at most `--max-applications-per-account` applications. A Put that
+//! creates one counts the account's applications in etcd and writes only if no application
+//! of the account was created since that count (a compare on the account's range), so the
+//! cap holds across replicas; replacing an application is never refused by it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -100,13 +105,15 @@ pub struct ApplicationStore {
     session: EtcdSession,
     root: String,
     allow_private: bool,
+    max_per_account: usize,
     copy: Arc<RwLock<HashMap<String, Arc<AppRecord>>>>,
     mirror: Arc<Mirror>,
 }
 
 impl ApplicationStore {
-    /// Starts mirroring the applications under `session`'s prefix.
-    pub fn start(session: &EtcdSession, allow_private: bool) -> Self {
+    /// Starts mirroring the applications under `session`'s prefix; at most
+    /// `max_per_account` applications per account.
+    pub fn start(session: &EtcdSession, allow_private: bool, max_per_account: usize) -> Self {
         let root = session.key("router/apps/");
         let copy: Arc<RwLock<HashMap<String, Arc<AppRecord>>>> = Arc::default();
         let mirror = {
@@ -119,6 +126,7 @@ impl ApplicationStore {
             session: session.clone(),
             root,
             allow_private,
+            max_per_account,
             copy,
             mirror: Arc::new(mirror),
         }
@@ -139,16 +147,23 @@ impl ApplicationStore {
         for _ in 0..PUT_ATTEMPTS {
             let current = self.read(&key).await?;
             let now = now_ms();
-            let (secret, create_ms, compare) = match &current {
+            let (secret, create_ms, compares) = match &current {
                 Some((record, revision)) => (
                     record.signing_secret.clone(),
                     record.create_ms,
-                    Compare::mod_revision(key.as_str(), CompareOp::Equal, *revision),
+                    vec![Compare::mod_revision(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        *revision,
+                    )],
                 ),
                 None => (
                     rules::new_secret(),
                     now,
-                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                    vec![
+                        Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                        self.room_for_one(account).await?,
+                    ],
                 ),
             };
             let record = AppRecord {
@@ -174,7 +189,7 @@ impl ApplicationStore {
                 reason: e.to_string(),
             })?;
             let txn = Txn::new()
-                .when([compare])
+                .when(compares)
                 .and_then([TxnOp::put(key.as_str(), value, None)]);
             let mut client = self.session.client();
             let response = self.session.bounded(client.txn(txn)).await?;
@@ -186,6 +201,26 @@ impl ApplicationStore {
             }
         }
         Err(Error::Contended("the application"))
+    }
+
+    /// Refuses a new application when `account` has its cap already; else the compare that
+    /// keeps the count valid until the write (no application of the account created since).
+    async fn room_for_one(&self, account: &str) -> Result<Compare, Error> {
+        let prefix = self.key(account, "");
+        let mut client = self.session.client();
+        let options = GetOptions::new().with_prefix().with_count_only();
+        let counted = self
+            .session
+            .bounded(client.get(prefix.as_str(), Some(options)))
+            .await?;
+        if usize::try_from(counted.count()).unwrap_or(usize::MAX) >= self.max_per_account {
+            return Err(Error::ApplicationLimit {
+                account: account.to_owned(),
+                limit: self.max_per_account,
+            });
+        }
+        let revision = counted.header().map_or(0, |h| h.revision());
+        Ok(Compare::create_revision(prefix, CompareOp::Less, revision + 1).with_prefix())
     }
 
     /// The application for (account, address), read from etcd.

@@ -41,6 +41,9 @@ pub struct Engine {
     pub shutdown: CancellationToken,
     /// Offers and outcomes, for Prometheus.
     pub stats: crate::stats::RouterStats,
+    /// WatchCommunication streams open per account on this replica
+    /// (`--max-watches-per-account`).
+    pub watches: plumbing::quota::AccountQuota,
 }
 
 /// A validated Route call.

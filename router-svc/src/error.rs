@@ -50,6 +50,19 @@ pub enum Error {
     /// The owning replica answered with this status.
     #[error("{}", .0.message())]
     Peer(Status),
+    /// A new application would exceed the per-account cap.
+    #[error(
+        "account `{account}` already has {limit} applications, the per-account limit (--max-applications-per-account); delete one first"
+    )]
+    ApplicationLimit {
+        /// The account.
+        account: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// The account holds its cap of something on this replica (watches).
+    #[error(transparent)]
+    Quota(#[from] plumbing::quota::QuotaFull),
     /// The router is stopping.
     #[error("the router is shutting down; retry on another replica")]
     ShuttingDown,
@@ -68,6 +81,9 @@ impl From<Error> for Status {
             e @ Error::Contended(_) => Status::aborted(e.to_string()),
             e @ (Error::OwnerUnavailable { .. } | Error::ShuttingDown) => {
                 Status::unavailable(e.to_string())
+            }
+            e @ (Error::ApplicationLimit { .. } | Error::Quota(_)) => {
+                Status::resource_exhausted(e.to_string())
             }
             Error::Peer(status) => status,
         }

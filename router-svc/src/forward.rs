@@ -1,6 +1,10 @@
 //! Calls about a communication that another router replica runs go to that replica (the
 //! owner named in the record), once: the forwarded call carries [`FORWARDED`] so that the
 //! owner never forwards it again.
+//!
+//! Hangup and the set-up of a watch are bounded by [`PEER_DEADLINE`]. A forwarded Route
+//! is not: like Route itself it lasts until the communication is connected or over (its
+//! Dial timeouts bound it), and the channel's HTTP/2 keep-alive notices an owner that dies.
 
 use proto::router::v1 as pb;
 use tonic::Request;
@@ -9,6 +13,13 @@ use tonic::metadata::MetadataValue;
 use crate::api::WatchStream;
 use crate::error::Error;
 use crate::peers::{FORWARDED, Peers};
+
+/// How long the owner may take to answer a Hangup or to start a watch.
+const PEER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn too_slow(owner: &str) -> Error {
+    unavailable(owner, format!("no answer within {PEER_DEADLINE:?}"))
+}
 
 fn marked<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
@@ -54,9 +65,9 @@ pub async fn hangup(
     request: pb::HangupRequest,
 ) -> Result<pb::Communication, Error> {
     let mut client = peers.router(owner).map_err(|e| unavailable(owner, e))?;
-    let response = client
-        .hangup(marked(request))
+    let response = tokio::time::timeout(PEER_DEADLINE, client.hangup(marked(request)))
         .await
+        .map_err(|_| too_slow(owner))?
         .map_err(|s| answer(owner, s))?;
     Ok(response.into_inner().communication.unwrap_or_default())
 }
@@ -68,9 +79,10 @@ pub async fn watch(
     request: pb::WatchCommunicationRequest,
 ) -> Result<WatchStream, Error> {
     let mut client = peers.router(owner).map_err(|e| unavailable(owner, e))?;
-    let response = client
-        .watch_communication(marked(request))
+    let started = client.watch_communication(marked(request));
+    let response = tokio::time::timeout(PEER_DEADLINE, started)
         .await
+        .map_err(|_| too_slow(owner))?
         .map_err(|s| answer(owner, s))?;
     Ok(Box::pin(response.into_inner()))
 }

@@ -12,6 +12,11 @@ use tracing::Instrument;
 
 use crate::runner::Runner;
 
+/// How long presence may take to set a leg up: it forwards to the holder (up to 15 s,
+/// the holder waiting up to 10 s for the session to take the offer). The leg itself lasts
+/// as long as the Dial keeps it.
+const OPEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What a leg's task reports.
 pub(crate) enum LegNews {
     Delivered,
@@ -86,9 +91,18 @@ impl Runner {
                         return;
                     }
                 };
-                let mut stream = match relay.offer(ReceiverStream::new(outgoing)).await {
-                    Ok(response) => response.into_inner(),
-                    Err(status) => {
+                let opened =
+                    tokio::time::timeout(OPEN_WITHIN, relay.offer(ReceiverStream::new(outgoing)));
+                let mut stream = match opened.await {
+                    Ok(Ok(response)) => response.into_inner(),
+                    Ok(Err(status)) => {
+                        let _ = events.send((slot, LegNews::Failed(status))).await;
+                        return;
+                    }
+                    Err(_) => {
+                        let status = tonic::Status::unavailable(format!(
+                            "presence did not take the offer within {OPEN_WITHIN:?}"
+                        ));
                         let _ = events.send((slot, LegNews::Failed(status))).await;
                         return;
                     }

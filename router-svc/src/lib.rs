@@ -54,6 +54,8 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod legs;
 pub mod live;
 pub mod model;
@@ -78,6 +80,7 @@ use clap::Args;
 use plumbing::config::CommonArgs;
 use plumbing::etcd::EtcdError;
 use plumbing::guard::{GuardArgs, GuardLayer};
+use plumbing::limits::LongCall;
 use plumbing::metrics::TxnStats;
 use plumbing::server::{Replica, ServeError};
 use proto::router::v1::router_service_server::RouterServiceServer;
@@ -131,6 +134,16 @@ pub struct RouterArgs {
     /// How long ended communications stay readable (GetCommunication, ListCommunications).
     #[arg(long, env = "SWITCHBOARD_COMMUNICATION_RETENTION", value_parser = plumbing::config::parse_duration, default_value = "5m")]
     pub communication_retention: Duration,
+
+    /// Most applications one account may have; PutApplication creating one more is refused
+    /// (RESOURCE_EXHAUSTED). Exact across replicas.
+    #[arg(long, env = "SWITCHBOARD_MAX_APPLICATIONS_PER_ACCOUNT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_applications_per_account: u32,
+
+    /// Most WatchCommunication streams one account may have open on this replica; beyond
+    /// it WatchCommunication is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SWITCHBOARD_MAX_WATCHES_PER_ACCOUNT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watches_per_account: u32,
 }
 
 impl Default for RouterArgs {
@@ -138,9 +151,14 @@ impl Default for RouterArgs {
         Self {
             advertise_address: None,
             communication_retention: Duration::from_secs(300),
+            max_applications_per_account: 10_000,
+            max_watches_per_account: 1000,
         }
     }
 }
+
+/// The path of Route, a unary call that lasts until the communication is connected or over.
+const ROUTE_PATH: &str = "/switchboard.router.v1.RouterService/Route";
 
 /// Hold of a communication's limiter slot for a replica lease of `replica_ttl` seconds:
 /// at least twice the TTL and 10 s; renewed every third of it.
@@ -165,16 +183,23 @@ pub async fn run_with(
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
-    let guard = GuardLayer::from_args(&args.guard, &args.common)?;
-    let replica = Replica::start(&args.common, address)
-        .await?
-        .with_guard(guard);
+    let replica = Replica::start(&args.common, address).await?;
+    let guard = GuardLayer::from_args(&args.guard, &args.common, replica.client_tls())?;
+    // Route returns when the communication is connected or over: its Dial timeouts and
+    // webhook deadlines bound it, not --request-timeout.
+    let replica = replica
+        .with_guard(guard)
+        .with_long_calls(&[(ROUTE_PATH, LongCall::Unbounded)]);
     let advertise = router
         .advertise_address
         .clone()
         .unwrap_or_else(|| address.to_string());
     let engine = Arc::new(Engine {
-        apps: ApplicationStore::start(&replica.session, args.allow_private_webhooks),
+        apps: ApplicationStore::start(
+            &replica.session,
+            args.allow_private_webhooks,
+            router.max_applications_per_account as usize,
+        ),
         store: CommStore::start(
             &replica.session,
             replica.lease.id(),
@@ -187,12 +212,18 @@ pub async fn run_with(
             &args.common,
             args.presence.clone(),
             args.guard.limiter.clone(),
+            replica.client_tls().clone(),
         ),
         webhooks: WebhookClient::new(args.allow_private_webhooks),
         slot_hold: slot_hold(args.common.replica_ttl),
         fail_closed: args.guard.guard_fail_closed,
         shutdown: CancellationToken::new(),
         stats: stats::RouterStats::register(&replica.metrics),
+        watches: plumbing::quota::AccountQuota::new(
+            router.max_watches_per_account as usize,
+            "watches open",
+            "--max-watches-per-account",
+        ),
     });
     let drain = args.common.drain_timeout;
     let lost = replica.lease.lost();
@@ -216,7 +247,10 @@ pub async fn run_with(
             engine.stop_all(drain).await;
         }
     };
-    let routes = Routes::new(RouterServiceServer::new(RouterApi::new(engine)));
+    let routes = Routes::new(
+        RouterServiceServer::new(RouterApi::new(engine))
+            .max_decoding_message_size(args.common.limits.max_message_bytes()),
+    );
     let served = replica
         .serve(
             listener,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use plumbing::auth::Scope;
-use plumbing::client::CallCredentials;
+use plumbing::client::{CallCredentials, ClientTls};
 use plumbing::config::CommonArgs;
 use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
 use proto::presence::v1::presence_service_client::PresenceServiceClient;
@@ -45,12 +45,19 @@ pub struct Peers {
     credentials: Option<CallCredentials>,
     limiter: Option<String>,
     presence: String,
+    tls: ClientTls,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Peers {
-    /// Peers at `presence` and `limiter`, signing with the platform key of `common`.
-    pub fn new(common: &CommonArgs, presence: String, limiter: Option<String>) -> Self {
+    /// Peers at `presence` and `limiter`, signing with the platform key of `common`, called
+    /// over `tls`.
+    pub fn new(
+        common: &CommonArgs,
+        presence: String,
+        limiter: Option<String>,
+        tls: ClientTls,
+    ) -> Self {
         let credentials = common
             .platform_secret
             .as_deref()
@@ -70,6 +77,7 @@ impl Peers {
             credentials,
             limiter: limiter.filter(|l| !l.is_empty()),
             presence,
+            tls,
             channels: Arc::default(),
         }
     }
@@ -82,9 +90,11 @@ impl Peers {
                 Some(channel) => channel.clone(),
                 None => {
                     let channel =
-                        plumbing::client::channel(address).map_err(|e| PeerError::Address {
-                            address: address.to_owned(),
-                            reason: e.to_string(),
+                        plumbing::client::channel_with(address, &self.tls).map_err(|e| {
+                            PeerError::Address {
+                                address: address.to_owned(),
+                                reason: e.to_string(),
+                            }
                         })?;
                     channels.insert(address.to_owned(), channel.clone());
                     channel

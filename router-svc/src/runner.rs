@@ -157,7 +157,7 @@ impl Runner {
                     "communications slot granted",
                     &[("decision", "granted".into())],
                 );
-                Ok(Some(slot))
+                Ok(Some(*slot))
             }
             Admission::Unlimited => {
                 self.note(

@@ -11,14 +11,14 @@ use crate::peers::Peers;
 
 /// The limiter resource of communications.
 pub const RESOURCE: &str = "communications";
-/// How long the router waits for the limiter.
+/// How long the router waits for the limiter (acquire, renew, release).
 const LIMITER_DEADLINE: Duration = Duration::from_secs(3);
 
 /// The limiter's answer for a new communication.
 #[derive(Debug)]
 pub enum Admission {
     /// A slot is held (renewed until released or dropped).
-    Granted(Slot),
+    Granted(Box<Slot>),
     /// No limiter is configured: communications are not limited.
     Unlimited,
     /// The account is at its limit.
@@ -82,12 +82,12 @@ pub async fn acquire(
         hold,
         renewing.clone(),
     ));
-    Admission::Granted(Slot {
+    Admission::Granted(Box::new(Slot {
         id: answer.slot_id,
         peers: peers.clone(),
         renewing,
         released: false,
-    })
+    }))
 }
 
 impl Slot {
@@ -95,7 +95,7 @@ impl Slot {
     pub async fn release(mut self) {
         self.released = true;
         self.renewing.cancel();
-        let _ = tokio::time::timeout(LIMITER_DEADLINE, release(&self.peers, &self.id)).await;
+        release(&self.peers, &self.id).await;
     }
 }
 
@@ -117,8 +117,16 @@ async fn release(peers: &Peers, slot_id: &str) {
     let request = pb::ReleaseRequest {
         slot_id: slot_id.to_owned(),
     };
-    if let Err(status) = limiter.release(request).await {
-        tracing::warn!(code = ?status.code(), "could not release a communication slot; it expires by itself");
+    match tokio::time::timeout(LIMITER_DEADLINE, limiter.release(request)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(status)) => {
+            tracing::warn!(code = ?status.code(), "could not release a communication slot; it expires by itself");
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the limiter did not answer a release in time; the slot expires by itself"
+            );
+        }
     }
 }
 
@@ -135,8 +143,12 @@ async fn renew(peers: Peers, slot_id: String, hold: Duration, stop: Cancellation
             slot_id: slot_id.clone(),
             hold_seconds: hold.as_secs() as u32,
         };
-        if let Err(status) = limiter.renew(request).await {
-            tracing::warn!(code = ?status.code(), "could not renew a communication slot");
+        match tokio::time::timeout(LIMITER_DEADLINE, limiter.renew(request)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                tracing::warn!(code = ?status.code(), "could not renew a communication slot");
+            }
+            Err(_) => tracing::warn!("the limiter did not answer a renewal in time"),
         }
     }
 }

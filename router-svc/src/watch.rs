@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
+use plumbing::quota::QuotaPermit;
 use proto::router::v1 as pb;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -15,6 +17,15 @@ use crate::model::is_ended;
 
 /// Events queued for a slow reader.
 const BUFFER: usize = 32;
+
+/// `stream`, keeping `permit` (the account's watch quota) until the stream is dropped: when
+/// it ends or its client goes away.
+pub fn holding(stream: WatchStream, permit: Option<QuotaPermit>) -> WatchStream {
+    Box::pin(stream.map(move |item| {
+        let _held = &permit;
+        item
+    }))
+}
 
 /// The timeline of an ended (stored) communication, then the end of the stream.
 pub fn replay(comm: pb::Communication) -> WatchStream {

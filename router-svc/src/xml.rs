@@ -157,6 +157,13 @@ pub fn parse(document: &str) -> Result<Vec<Verb>, XmlError> {
     Ok(verbs)
 }
 
+/// The nesting depth and the element count of `document` as the bounded parser reads it,
+/// for the `instruction_xml` fuzz target to check against [`MAX_DEPTH`] and [`MAX_ELEMENTS`].
+#[doc(hidden)]
+pub fn tree_shape(document: &str) -> Result<(usize, usize), XmlError> {
+    parse_tree(document).map(|root| root.shape())
+}
+
 fn verb(element: &Element) -> Result<Verb, XmlError> {
     match element.name.as_str() {
         "Say" => Ok(Verb::Say {

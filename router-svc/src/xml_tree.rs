@@ -88,6 +88,15 @@ impl Element {
         }
     }
 
+    /// (depth, element count) of the tree under and including this element.
+    pub(super) fn shape(&self) -> (usize, usize) {
+        self.elements()
+            .map(Element::shape)
+            .fold((1, 1), |(depth, count), (d, c)| {
+                (depth.max(d + 1), count + c)
+            })
+    }
+
     pub(super) fn no_children(&self) -> Result<(), XmlError> {
         if self.children.is_empty() || (!self.has_text() && self.elements().next().is_none()) {
             Ok(())

@@ -32,6 +32,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A TLS flag or file is unusable (the message names the flag and the file).
+    #[error("TLS: {0}")]
+    Tls(#[from] plumbing::tls::TlsError),
     /// The token has characters that cannot travel in gRPC metadata.
     #[error("the token cannot be sent: it must be printable ASCII (a JWT)")]
     TokenNotAscii,
@@ -84,11 +87,12 @@ async fn reconnect_loop(
     if args.presence.is_empty() {
         return Err(Error::NoAddress);
     }
+    let tls = plumbing::tls::ClientTls::from_args(&args.tls)?;
     let channels = args
         .presence
         .iter()
         .map(|address| {
-            plumbing::client::channel(address).map_err(|err| Error::Address {
+            plumbing::client::channel_with(address, &tls).map_err(|err| Error::Address {
                 address: address.clone(),
                 reason: err.to_string(),
             })

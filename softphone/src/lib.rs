@@ -32,6 +32,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use plumbing::tls::ClientTlsArgs;
 use proto::presence::v1 as pb;
 
 pub use connection::{Error, run};
@@ -84,6 +85,11 @@ pub struct SoftphoneArgs {
     /// The reason given when rejecting (by `--auto reject` or `r`).
     #[arg(long, env = "SWITCHBOARD_REJECT_REASON", value_enum, default_value_t = RejectAs::Declined)]
     pub reject_reason: RejectAs,
+
+    /// TLS to presence-svc: `--tls-ca` turns it on, `--tls-cert`/`--tls-key` present a
+    /// client certificate. Plain text by default.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 impl SoftphoneArgs {
@@ -98,6 +104,7 @@ impl SoftphoneArgs {
             answer_after_ms: 0,
             hangup_after_ms: None,
             reject_reason: RejectAs::Declined,
+            tls: ClientTlsArgs::default(),
         }
     }
 

@@ -68,11 +68,6 @@ pub fn status_text(status: &tonic::Status) -> String {
     text.chars().take(160).collect()
 }
 
-/// A gRPC channel to `addr` (lazy: it connects on first use).
-pub fn channel(addr: SocketAddr) -> Result<Channel> {
-    Ok(plumbing::client::channel(&addr.to_string())?)
-}
-
 struct HealthWorker(HealthClient<Channel>);
 
 impl Worker for HealthWorker {
@@ -97,7 +92,7 @@ pub async fn rpc_ceiling(
     addr: SocketAddr,
 ) -> Result<(Sample, WindowFacts)> {
     let clients = load::share(options.concurrency, 1, |_| async move {
-        Ok(HealthClient::new(channel(addr)?))
+        Ok(HealthClient::new(stack.channel(addr)?))
     })
     .await?;
     let workers = clients

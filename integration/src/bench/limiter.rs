@@ -17,7 +17,7 @@ use proto::limiter::v1::{AcquireRequest, Decision, Limit, ReleaseRequest, SetLim
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::baseline::{self, Auth, channel, status_text};
+use super::baseline::{self, Auth, status_text};
 use super::load::{self, Plan, Sample, Worker};
 use super::report::{Goal, Row};
 use super::stack::{Stack, WindowFacts};
@@ -63,7 +63,7 @@ fn decision_name(decision: i32) -> String {
 /// Runs the scenario: starts etcd and the replicas, measures, stops them.
 pub async fn run(options: &Options, report: &mut Report) -> Result<()> {
     progress(format_args!("starting etcd (fsync on)"));
-    let mut stack = Stack::start().await?;
+    let mut stack = Stack::start(options).await?;
     let outcome = measure(&mut stack, options, report).await;
     progress(format_args!("stopping the services and etcd"));
     for remark in stack.shutdown().await {
@@ -80,7 +80,7 @@ async fn measure(stack: &mut Stack, options: &Options, report: &mut Report) -> R
     let caller = Auth::platform(&[Scope::LimiterAcquire])?;
     let setup: Vec<Client> = addrs
         .iter()
-        .map(|addr| Ok(LimiterServiceClient::new(channel(*addr)?)))
+        .map(|addr| Ok(LimiterServiceClient::new(stack.channel(*addr)?)))
         .collect::<Result<_>>()?;
 
     progress(format_args!(
@@ -422,7 +422,7 @@ async fn limiter_pairs(
 ) -> Result<(Sample, WindowFacts)> {
     let clients = load::share(options.concurrency, addrs.len(), |target| {
         let addr = addrs[target];
-        async move { Ok(LimiterServiceClient::new(channel(addr)?)) }
+        async move { Ok(LimiterServiceClient::new(stack.channel(addr)?)) }
     })
     .await?;
     let workers = clients
@@ -482,7 +482,7 @@ async fn limiter_reject(
 ) -> Result<(Sample, WindowFacts)> {
     let clients = load::share(options.concurrency, addrs.len(), |target| {
         let addr = addrs[target];
-        async move { Ok(LimiterServiceClient::new(channel(addr)?)) }
+        async move { Ok(LimiterServiceClient::new(stack.channel(addr)?)) }
     })
     .await?;
     let workers = clients

@@ -28,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use super::baseline::{self, Auth, channel, status_text};
+use super::baseline::{self, Auth, status_text};
 use super::load::{self, Plan, Sample, Worker, percentile};
 use super::report::{Goal, Row, millis, thousands};
 use super::stack::{Stack, WindowFacts};
@@ -68,7 +68,7 @@ type Client = PresenceServiceClient<Channel>;
 /// `connect_sessions`.
 pub async fn run(options: &Options, report: &mut Report) -> Result<()> {
     progress(format_args!("starting etcd (fsync on)"));
-    let mut stack = Stack::start().await?;
+    let mut stack = Stack::start(options).await?;
     let outcome = measure(&mut stack, options, report).await;
     stop(stack, report).await;
     let mut windows = outcome?;
@@ -76,7 +76,7 @@ pub async fn run(options: &Options, report: &mut Report) -> Result<()> {
     progress(format_args!(
         "starting a fresh etcd and presence-svc for connect_sessions"
     ));
-    let mut stack = Stack::start().await?;
+    let mut stack = Stack::start(options).await?;
     let outcome = connect_sessions(&mut stack, report).await;
     // The sessions stay open until the replica is gone (closing 50,000 of them first would
     // only make it write 50,000 deletions).
@@ -107,7 +107,7 @@ async fn measure(
     let addr = stack.start_services("presence-svc", 1, &[]).await?[0];
     let register = Auth::platform_for(ACCOUNT, &[Scope::PresenceRegister])?;
     let read = Auth::platform_for(ACCOUNT, &[Scope::PresenceRead])?;
-    let setup = PresenceServiceClient::new(channel(addr)?);
+    let setup = PresenceServiceClient::new(stack.channel(addr)?);
 
     progress(format_args!("registering {GET_IDENTITIES} identities"));
     let identities: Arc<[String]> = (0..GET_IDENTITIES).map(|i| format!("u{i}")).collect();
@@ -371,7 +371,7 @@ async fn presence_get(
     identities: &Arc<[String]>,
 ) -> Result<(Sample, WindowFacts)> {
     let clients = load::share(options.concurrency, 1, |_| async move {
-        Ok(PresenceServiceClient::new(channel(addr)?))
+        Ok(PresenceServiceClient::new(stack.channel(addr)?))
     })
     .await?;
     let workers = clients
@@ -424,7 +424,7 @@ async fn presence_register(
     auth: &Auth,
 ) -> Result<(Sample, WindowFacts)> {
     let clients = load::share(options.concurrency, 1, |_| async move {
-        Ok(PresenceServiceClient::new(channel(addr)?))
+        Ok(PresenceServiceClient::new(stack.channel(addr)?))
     })
     .await?;
     let workers = clients
@@ -557,14 +557,14 @@ async fn watch_latency(
     register: &Auth,
     read: &Auth,
 ) -> Result<(WatchSample, WindowFacts)> {
-    let writer = PresenceServiceClient::new(channel(addr)?);
+    let writer = PresenceServiceClient::new(stack.channel(addr)?);
     let devices: Vec<(String, String)> = (0..WATCH_DEVICES)
         .map(|i| (format!("watched{i}"), format!("w{i}")))
         .collect();
     seed(&writer, register, &devices).await?;
 
     // The watcher has a connection of its own, as a real watcher would.
-    let mut watcher = PresenceServiceClient::new(channel(addr)?);
+    let mut watcher = PresenceServiceClient::new(stack.channel(addr)?);
     let request = pb::WatchPresenceRequest {
         account_id: String::new(),
         identities: Vec::new(),
@@ -788,7 +788,7 @@ async fn connect_sessions(
     let auth = Auth::platform_for(ACCOUNT, &[Scope::PresenceRegister])?;
     let connections = SESSIONS.div_ceil(STREAMS_PER_CONNECTION);
     let channels: Vec<Channel> = (0..connections)
-        .map(|_| channel(addr))
+        .map(|_| stack.channel(addr))
         .collect::<Result<_>>()?;
     let (idle_kib, _) = sys::memory_kib(pid).ok_or("cannot read presence-svc's memory")?;
 

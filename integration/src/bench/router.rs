@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::baseline::{Auth, channel, status_text};
+use super::baseline::{Auth, status_text};
 use super::load::{self, Plan, Sample, Worker, percentile};
 use super::report::{Goal, Row, millis};
 use super::stack::{Stack, WindowFacts};
@@ -57,7 +57,7 @@ type Router = RouterServiceClient<Channel>;
 /// Runs the scenario: starts etcd and the services, measures, stops them.
 pub async fn run(options: &Options, report: &mut Report) -> Result<()> {
     progress(format_args!("starting etcd (fsync on)"));
-    let mut stack = Stack::start().await?;
+    let mut stack = Stack::start(options).await?;
     let outcome = measure(&mut stack, options, report).await;
     progress(format_args!("stopping the services and etcd"));
     for remark in stack.shutdown().await {
@@ -98,16 +98,16 @@ async fn measure(
         "setting the communications limit, {AGENTS} applications and {AGENTS} auto-answering devices"
     ));
     let admin = Auth::platform(&[Scope::Admin])?;
-    let mut limits = LimiterServiceClient::new(channel(limiter)?);
+    let mut limits = LimiterServiceClient::new(stack.channel(limiter)?);
     set_limit(&mut limits, &admin).await?;
     let apps = Auth::platform_for(ACCOUNT, &[Scope::RouterAdmin])?;
-    let mut setup = RouterServiceClient::new(channel(router)?);
+    let mut setup = RouterServiceClient::new(stack.channel(router)?);
     for agent in 0..AGENTS {
         put_application(&mut setup, &apps, agent, Instructions::Inline).await?;
     }
     let devices = Auth::platform_for(ACCOUNT, &[Scope::PresenceRegister])?;
     let reader = Auth::platform_for(ACCOUNT, &[Scope::PresenceRead])?;
-    let presence_channel = channel(presence)?;
+    let presence_channel = stack.channel(presence)?;
     let answered = Arc::new(AtomicU64::new(0));
     let mut agents = Agents(Vec::with_capacity(AGENTS));
     for agent in 0..AGENTS {
@@ -227,7 +227,7 @@ async fn comms_row(
     };
     let router = world.router;
     let clients = load::share(options.concurrency, 1, |_| async move {
-        Ok(RouterServiceClient::new(channel(router)?))
+        Ok(RouterServiceClient::new(stack.channel(router)?))
     })
     .await?;
     let steps: Arc<Mutex<Vec<Steps>>> = Arc::default();

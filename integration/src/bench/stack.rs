@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use plumbing::tls::ClientTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use super::load::{CpuSnapshot, Plan, Sample};
-use super::{Result, progress, sys};
+use super::{Options, Result, progress, sys};
 use crate::{Etcd, PLATFORM_KEY_ID, PLATFORM_SECRET, free_port, unique_prefix};
 
 /// How long a service may take to answer its health check as SERVING.
@@ -32,6 +34,10 @@ pub struct Stack {
     pub services: Vec<Service>,
     logs: tempfile::TempDir,
     ticks_per_second: f64,
+    /// What clients of the services use (plain text unless the run is over TLS).
+    tls: ClientTls,
+    /// The TLS flags every service is started with.
+    tls_args: Vec<String>,
 }
 
 /// One service process.
@@ -52,8 +58,24 @@ pub struct Service {
 }
 
 impl Stack {
-    /// Starts a single-member etcd with fsync on.
-    pub async fn start() -> Result<Self> {
+    /// Starts a single-member etcd with fsync on; the services started later serve TLS
+    /// when `options` say so.
+    pub async fn start(options: &Options) -> Result<Self> {
+        let (tls, tls_args) = match &options.tls {
+            None => (ClientTls::plain(), Vec::new()),
+            Some(files) => {
+                let flags = [
+                    ("--tls-cert", &files.cert),
+                    ("--tls-key", &files.key),
+                    ("--tls-ca", &files.ca),
+                ];
+                let args = flags
+                    .into_iter()
+                    .flat_map(|(flag, path)| [flag.to_owned(), path.display().to_string()])
+                    .collect();
+                (ClientTls::from_files(&files.ca, None)?, args)
+            }
+        };
         let binary = Etcd::binary();
         if !binary.exists() {
             return Err(format!(
@@ -80,6 +102,8 @@ impl Stack {
             services: Vec::new(),
             logs,
             ticks_per_second: sys::ticks_per_second(),
+            tls,
+            tls_args,
         })
     }
 
@@ -113,6 +137,7 @@ impl Stack {
                 .arg(REPLICA_TTL)
                 .arg("--metrics-listen")
                 .arg(metrics.to_string())
+                .args(&self.tls_args)
                 .args(args)
                 .env("SWITCHBOARD_PLATFORM_SECRET", PLATFORM_SECRET)
                 .env("RUST_LOG", "warn")
@@ -137,10 +162,19 @@ impl Stack {
         }
         let mut addrs = Vec::new();
         for service in &mut self.services[first..] {
-            service.wait_serving().await?;
+            service.wait_serving(&self.tls).await?;
             addrs.push(service.addr);
         }
         Ok(addrs)
+    }
+
+    /// A gRPC channel to the service at `addr` (lazy: it connects on first use), over TLS
+    /// when the run is.
+    pub fn channel(&self, addr: SocketAddr) -> Result<Channel> {
+        Ok(plumbing::client::channel_with(
+            &addr.to_string(),
+            &self.tls,
+        )?)
     }
 
     /// A client of this stack's etcd.
@@ -428,7 +462,7 @@ impl Window {
 }
 
 impl Service {
-    async fn wait_serving(&mut self) -> Result<()> {
+    async fn wait_serving(&mut self, tls: &ClientTls) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -439,7 +473,7 @@ impl Service {
                 )
                 .into());
             }
-            if serving(self.addr).await {
+            if serving(self.addr, tls).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -456,8 +490,8 @@ impl Service {
     }
 }
 
-async fn serving(addr: SocketAddr) -> bool {
-    let Ok(channel) = plumbing::client::channel(&addr.to_string()) else {
+async fn serving(addr: SocketAddr, tls: &ClientTls) -> bool {
+    let Ok(channel) = plumbing::client::channel_with(&addr.to_string(), tls) else {
         return false;
     };
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);

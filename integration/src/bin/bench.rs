@@ -1,13 +1,15 @@
-//! `bench <scenario> [--concurrency N] [--duration SECS] [--warmup SECS]`: the benchmark of
+//! `bench <scenario> [--concurrency N] [--duration SECS] [--warmup SECS] [--tls-cert PEM
+//! --tls-key PEM --tls-ca PEM]`: the benchmark of
 //! DESIGN.md §6 (see `integration::bench` and docs/BENCHMARKS.md). Run it through
 //! `scripts/bench`, which builds the release binaries it starts.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use integration::bench::{self, Options};
+use integration::bench::{self, BenchTls, Options};
 
 /// Benchmarks Switchboard against real etcd (fsync on) and the release service binaries.
 #[derive(Debug, Parser)]
@@ -27,6 +29,20 @@ struct Cli {
     /// Discarded seconds before each measurement.
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
+
+    /// Run over TLS: every service started serves this certificate (PEM, valid for
+    /// 127.0.0.1); needs `--tls-key` and `--tls-ca`. Plain text by default.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that signed `--tls-cert`: the benchmark and the services' calls to each
+    /// other trust it.
+    #[arg(long, env = "SWITCHBOARD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 fn after_help() -> String {
@@ -45,10 +61,20 @@ fn options(cli: &Cli) -> Result<Options, String> {
     if cli.concurrency == 0 {
         return Err("--concurrency must be at least 1".to_owned());
     }
+    let tls = match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => Some(BenchTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        }),
+        _ => return Err("--tls-cert, --tls-key and --tls-ca go together".to_owned()),
+    };
     Ok(Options {
         concurrency: cli.concurrency,
         duration,
         warmup: seconds("--warmup", cli.warmup)?,
+        tls,
     })
 }
 

@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use integration::{Etcd, unique_prefix};
 use plumbing::etcd::{
-    EtcdSession, Lease, LeaseLost, Mirror, MirrorUpdate, WatchItem, WatchSpec, follow,
+    EtcdOptions, EtcdSession, Lease, LeaseLost, Mirror, MirrorUpdate, WatchItem, WatchSpec, follow,
 };
 
 async fn session(etcd: &Etcd) -> EtcdSession {
-    EtcdSession::connect(std::slice::from_ref(&etcd.endpoint), &unique_prefix())
-        .await
-        .unwrap()
+    let options = EtcdOptions::plain(vec![etcd.endpoint.clone()], &unique_prefix());
+    EtcdSession::connect(&options).await.unwrap()
 }
 
 #[tokio::test]
@@ -237,9 +236,12 @@ async fn a_mirror_follows_puts_and_deletes_and_survives_an_etcd_restart() {
 async fn connecting_to_a_dead_etcd_fails_within_the_deadline() {
     let started = std::time::Instant::now();
     let dead = format!("http://127.0.0.1:{}", integration::free_port());
-    let result = EtcdSession::connect(&[dead], "/x").await;
+    let result = EtcdSession::connect(&EtcdOptions::plain(vec![dead], "/x")).await;
     assert!(
-        matches!(result, Err(plumbing::etcd::EtcdError::Unavailable(_))),
+        matches!(
+            result,
+            Err(plumbing::etcd::ConnectError::Unreachable { .. })
+        ),
         "{result:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(12));

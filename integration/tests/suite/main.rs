@@ -2,13 +2,17 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod abuse;
+mod abuse_support;
 mod auth;
 mod etcd;
+mod etcd_security;
 mod fault_etcd_leader;
 mod fault_etcd_restart;
 mod fault_replica_kill;
 mod fault_sigterm;
 mod fault_support;
+mod fuzz_regressions;
 mod guard;
 mod limiter;
 mod metrics;
@@ -26,7 +30,9 @@ mod router_dial;
 mod router_support;
 mod router_throughput;
 mod router_webhooks;
+mod secrets;
 mod shutdown;
 mod softphone;
 mod support;
+mod tls;
 mod trace;

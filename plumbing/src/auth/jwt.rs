@@ -142,16 +142,23 @@ impl Unverified<'_> {
         let claims: Claims = decode_json(self.claims_b64).ok_or(AuthError::Malformed(
             "claims are not base64url JSON with `sub` and `exp`",
         ))?;
-        if claims.exp + CLOCK_SKEW_SECS <= now {
+        // Saturating: the claims are any i64 the signer chose. An `exp` near i64::MAX
+        // overflowed (a panic with overflow checks; without them a negative `iat` wrapped
+        // `exp - iat` past the lifetime check: fuzz/regressions/jwt_verify). Saturation
+        // keeps every comparison with `now` exact.
+        if claims.exp.saturating_add(CLOCK_SKEW_SECS) <= now {
             return Err(AuthError::Expired { exp: claims.exp });
         }
         if let Some(nbf) = claims.nbf
-            && nbf - CLOCK_SKEW_SECS > now
+            && nbf.saturating_sub(CLOCK_SKEW_SECS) > now
         {
             return Err(AuthError::NotYetValid { nbf });
         }
-        let issued = claims.iat.unwrap_or(now).min(now + CLOCK_SKEW_SECS);
-        if claims.exp - issued > MAX_LIFETIME_SECS + CLOCK_SKEW_SECS {
+        let issued = claims
+            .iat
+            .unwrap_or(now)
+            .min(now.saturating_add(CLOCK_SKEW_SECS));
+        if claims.exp.saturating_sub(issued) > MAX_LIFETIME_SECS + CLOCK_SKEW_SECS {
             return Err(AuthError::Lifetime);
         }
         Ok(claims)
@@ -267,6 +274,23 @@ mod tests {
             ),
             Err(AuthError::Lifetime)
         ));
+    }
+
+    #[test]
+    fn extreme_time_claims_neither_overflow_nor_dodge_the_lifetime() {
+        let signed = |claims: serde_json::Value| {
+            let header = encode_json(&serde_json::json!({"alg": "HS256", "kid": "k"}));
+            let input = format!("{header}.{}", encode_json(&claims));
+            let signature = URL_SAFE_NO_PAD.encode(sign(b"k", input.as_bytes()));
+            format!("{input}.{signature}")
+        };
+        let verify = |text: &str| parse(text).and_then(|p| p.verify(b"k", NOW));
+        let forever = signed(serde_json::json!({"sub": "A", "exp": i64::MAX}));
+        assert!(matches!(verify(&forever), Err(AuthError::Lifetime)));
+        let wrapped = signed(serde_json::json!({"sub": "A", "exp": i64::MAX - 30, "iat": -31}));
+        assert!(matches!(verify(&wrapped), Err(AuthError::Lifetime)));
+        let early = signed(serde_json::json!({"sub": "A", "exp": NOW + 60, "nbf": i64::MIN}));
+        assert!(verify(&early).is_ok());
     }
 
     #[test]

@@ -54,6 +54,21 @@ impl std::fmt::Debug for StoredKey {
 }
 
 impl StoredKey {
+    /// An enabled key record with `secret` as its text. Keys are minted by
+    /// [`KeyStore::create`]; this builds one for a verifier that runs without etcd
+    /// ([`super::Verifier::with_fixed_keys`]: fuzzing, and tests of the token rules).
+    pub fn new(key_id: &str, account_id: &str, secret: &str, disabled: bool) -> Self {
+        Self {
+            key_id: key_id.to_owned(),
+            account_id: account_id.to_owned(),
+            secret: secret.to_owned(),
+            description: String::new(),
+            disabled,
+            create_time: 0,
+            disable_time: None,
+        }
+    }
+
     /// The secret as the bytes HMAC is keyed with.
     pub fn secret_bytes(&self) -> Vec<u8> {
         self.secret.as_bytes().to_vec()

@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use etcd_client::LeaseClient;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +45,7 @@ impl Lease {
         let stop = CancellationToken::new();
         let reason = std::sync::Arc::new(std::sync::OnceLock::new());
         let keeper = tokio::spawn(keep_alive(
-            session.client().lease_client(),
+            session.clone(),
             id,
             ttl,
             lost.clone(),
@@ -104,7 +103,7 @@ impl Drop for Lease {
 }
 
 async fn keep_alive(
-    mut client: LeaseClient,
+    session: EtcdSession,
     id: i64,
     ttl: i64,
     lost: CancellationToken,
@@ -113,6 +112,7 @@ async fn keep_alive(
 ) {
     let period = Duration::from_millis((ttl.max(1) as u64 * 1000 / 3).max(200));
     let mut deadline = Instant::now() + Duration::from_secs(ttl.max(1) as u64);
+    let mut client = session.client().lease_client();
     let mut stream = None;
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -152,6 +152,11 @@ async fn keep_alive(
             Ok(Err(err)) => {
                 tracing::warn!(lease = id, error = %err, "lease keep-alive failed; retrying");
                 stream = None;
+                if super::is_refused_login(&err) {
+                    // The auth token expired (or etcd restarted and forgot it): the next
+                    // stream must carry a fresh one.
+                    session.refresh_login().await;
+                }
             }
             Err(_) => {
                 tracing::warn!(lease = id, "lease keep-alive timed out; retrying");

@@ -7,14 +7,17 @@
 //! keep-alive streams too and cut them. Unary calls are bounded with [`EtcdSession::bounded`].
 
 pub mod lease;
+pub mod options;
 pub mod watch;
 
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, GetOptions};
+use tonic::Code;
 
 pub use lease::{Lease, LeaseLost};
+pub use options::{EtcdConfigError, EtcdCredentials, EtcdOptions, EtcdPassword, EtcdTls};
 pub use watch::{Mirror, MirrorUpdate, WatchItem, WatchSpec, follow};
 
 /// How long one unary etcd call may take before the caller gets [`EtcdError::Unavailable`].
@@ -45,6 +48,57 @@ pub enum EtcdError {
     },
 }
 
+/// Why [`EtcdSession::connect`] failed; each says which flag to look at. None of them
+/// carries the password (etcd's own messages do not contain it either).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The flags are half-configured or name an unusable file.
+    #[error(transparent)]
+    Config(#[from] EtcdConfigError),
+    /// No endpoint answered (down, wrong address, or a TLS mismatch — see `reason`).
+    #[error("etcd at {endpoints} unreachable (--etcd, --etcd-ca): {reason}")]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The transport's explanation, with its causes.
+        reason: String,
+    },
+    /// etcd refused the user name or password.
+    #[error(
+        "etcd refused the login of user `{user}` (--etcd-user, and the password from \
+         SWITCHBOARD_ETCD_PASSWORD or --etcd-password-file): {reason}"
+    )]
+    LoginRefused {
+        /// The user name given.
+        user: String,
+        /// etcd's answer.
+        reason: String,
+    },
+    /// etcd has authentication enabled, no user was given, and etcd refused the access.
+    #[error(
+        "etcd has authentication on and refused access without --etcd-user: give --etcd-user \
+         and its password, or a client certificate (--etcd-cert) whose common name is an etcd \
+         user with readwrite on the prefix ({reason})"
+    )]
+    LoginRequired {
+        /// etcd's answer.
+        reason: String,
+    },
+    /// The user may not read and write the deployment's prefix.
+    #[error(
+        "etcd user `{user}` has no permission on the key prefix `{prefix}` (--etcd-prefix): \
+         grant its role readwrite on that prefix ({reason})"
+    )]
+    PermissionDenied {
+        /// The user logged in as.
+        user: String,
+        /// The deployment prefix.
+        prefix: String,
+        /// etcd's answer.
+        reason: String,
+    },
+}
+
 impl From<etcd_client::Error> for EtcdError {
     fn from(err: etcd_client::Error) -> Self {
         EtcdError::Unavailable(err.to_string())
@@ -56,38 +110,90 @@ impl From<etcd_client::Error> for EtcdError {
 pub struct EtcdSession {
     client: Client,
     prefix: String,
+    authenticated: bool,
 }
 
 impl std::fmt::Debug for EtcdSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdSession")
             .field("prefix", &self.prefix)
+            .field("authenticated", &self.authenticated)
             .finish()
     }
 }
 
 impl EtcdSession {
-    /// Connects to any of `endpoints` (requests are balanced over them and fail over when
-    /// one goes away). `prefix` is normalised to have no trailing slash.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, EtcdError> {
-        let options = ConnectOptions::new()
+    /// Connects to any of the endpoints (requests are balanced over them and fail over when
+    /// one goes away), over TLS and logged in when the options say so, and proves access by
+    /// reading under the prefix. The prefix is normalised to have no trailing slash.
+    pub async fn connect(options: &EtcdOptions) -> Result<Self, ConnectError> {
+        let endpoints = options.endpoints.join(",");
+        // A plain client talking to a TLS etcd only hears "transport error": say what to try.
+        let hint = match options.tls {
+            None => " (if etcd serves TLS: https:// endpoints and --etcd-ca)",
+            Some(_) => "",
+        };
+        let unreachable = |reason: String| ConnectError::Unreachable {
+            endpoints: endpoints.clone(),
+            reason: format!("{reason}{hint}"),
+        };
+        let connect_options = options
+            .connect_options()
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
-        let client = tokio::time::timeout(CALL_DEADLINE, Client::connect(endpoints, Some(options)))
-            .await
-            .map_err(|_| {
-                EtcdError::Unavailable(format!(
-                    "no answer from {endpoints:?} within {CALL_DEADLINE:?}"
-                ))
-            })??;
+        let user = options.credentials.as_ref().map(|c| c.user.clone());
+        let client = tokio::time::timeout(
+            CALL_DEADLINE,
+            Client::connect(&options.endpoints, Some(connect_options)),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no answer within {CALL_DEADLINE:?}")))?
+        .map_err(|err| match (&user, login_refusal(&err)) {
+            // With a user, connecting logs in; its refusal is the only non-transport error.
+            (Some(user), Some(reason)) => ConnectError::LoginRefused {
+                user: user.clone(),
+                reason,
+            },
+            _ => unreachable(describe(&err)),
+        })?;
         let session = Self {
             client,
-            prefix: prefix.trim_end_matches('/').to_owned(),
+            prefix: options.prefix.trim_end_matches('/').to_owned(),
+            authenticated: user.is_some(),
         };
-        // Connecting is lazy: ask for the cluster revision once so a wrong address fails here.
-        session.current_revision().await?;
-        Ok(session)
+        // Connecting is lazy: read once under the prefix so that a wrong address, a TLS
+        // mismatch or a missing permission fails here rather than on the first request.
+        let mut client = session.client.clone();
+        let probe = GetOptions::new().with_keys_only().with_limit(1);
+        match tokio::time::timeout(
+            CALL_DEADLINE,
+            client.get(session.key("~revision"), Some(probe)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(session),
+            Err(_) => Err(unreachable(format!("no answer within {CALL_DEADLINE:?}"))),
+            Ok(Err(err)) => Err(match status_of(&err) {
+                Some(status) => probe_refusal(status, user, &session.prefix)
+                    .unwrap_or_else(|| unreachable(describe(&err))),
+                None => unreachable(describe(&err)),
+            }),
+        }
+    }
+
+    /// Logs in again, replacing the client's auth token (a no-op without a user). Calls
+    /// refresh an expired token by themselves; streams are opened with the token current
+    /// at the time, so [`lease`] and [`watch`] call this when etcd refuses theirs.
+    pub async fn refresh_login(&self) {
+        if !self.authenticated {
+            return;
+        }
+        match tokio::time::timeout(CALL_DEADLINE, self.client.refresh_token()).await {
+            Ok(Ok(())) => tracing::info!("etcd login refreshed"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "etcd login refresh failed"),
+            Err(_) => tracing::warn!("etcd login refresh timed out"),
+        }
     }
 
     /// A clone of the underlying client (cheap; clients share one channel).
@@ -127,4 +233,76 @@ impl EtcdSession {
             .await?;
         Ok(response.header().map_or(0, |h| h.revision()))
     }
+}
+
+/// The gRPC status etcd answered with, if the failure is one.
+fn status_of(err: &etcd_client::Error) -> Option<&tonic::Status> {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        _ => None,
+    }
+}
+
+/// What etcd's refusal of the start-up read under the prefix means; `None` when it is not
+/// about the login or permissions.
+fn probe_refusal(
+    status: &tonic::Status,
+    user: Option<String>,
+    prefix: &str,
+) -> Option<ConnectError> {
+    let reason = status.message().to_owned();
+    match (status.code(), user) {
+        // Without a login etcd goes by the client certificate's common name, if any.
+        (Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied, None) => {
+            Some(ConnectError::LoginRequired { reason })
+        }
+        (Code::PermissionDenied, Some(user)) => Some(ConnectError::PermissionDenied {
+            user,
+            prefix: prefix.to_owned(),
+            reason,
+        }),
+        (Code::Unauthenticated, Some(user)) => Some(ConnectError::LoginRefused { user, reason }),
+        _ => None,
+    }
+}
+
+/// etcd refused the auth token a call or stream carried (expired, or forgotten by a
+/// restarted etcd).
+pub(crate) fn is_refused_login(err: &etcd_client::Error) -> bool {
+    status_of(err).is_some_and(|status| status.code() == Code::Unauthenticated)
+}
+
+/// etcd's reason for refusing a login, if that is what `err` is (rather than a transport
+/// failure, which etcd-client also reports as a status, with code UNAVAILABLE).
+fn login_refusal(err: &etcd_client::Error) -> Option<String> {
+    let status = status_of(err)?;
+    matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+    )
+    .then(|| status.message().to_owned())
+}
+
+/// An error with its chain of causes: tonic's transport errors say only "transport error"
+/// at the top, the useful part (refused, TLS handshake) is in the sources.
+fn describe(err: &etcd_client::Error) -> String {
+    let (mut text, mut source) = match status_of(err) {
+        Some(status) => (
+            format!("{:?}: {}", status.code(), status.message()),
+            std::error::Error::source(status),
+        ),
+        None => (err.to_string(), std::error::Error::source(err)),
+    };
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

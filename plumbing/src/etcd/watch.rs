@@ -118,20 +118,22 @@ async fn watch_once(
                 stream.request_progress().await?;
                 continue;
             }
-            message = stream.message() => message?,
+            message = stream.message() => match message {
+                Ok(message) => message,
+                Err(err) => {
+                    if super::is_refused_login(&err) {
+                        session.refresh_login().await;
+                    }
+                    return Err(err.into());
+                }
+            },
         };
         let Some(response) = message else {
             return Ok(Stop::Reconnect);
         };
         let header_revision = response.header().map_or(0, |h| h.revision());
-        if response.created() {
-            // Watching "from now": the creation revision is where delivery starts. With an
-            // explicit start revision, older events may still be on their way.
-            if *next == 0 {
-                *next = header_revision + 1;
-            }
-            continue;
-        }
+        // Checked before `created`: etcd refuses a watch (bad or expired auth token, no
+        // permission) with one response that is both created and canceled.
         if response.canceled() {
             if response.compact_revision() > 0 {
                 let _ = tx
@@ -141,10 +143,21 @@ async fn watch_once(
                     .await;
                 return Ok(Stop::Done);
             }
+            // etcd says why only in text; logging in again is cheap and is what an
+            // expired token needs, so do it whatever the reason.
+            session.refresh_login().await;
             return Err(EtcdError::Unavailable(format!(
                 "watch canceled: {}",
                 response.cancel_reason()
             )));
+        }
+        if response.created() {
+            // Watching "from now": the creation revision is where delivery starts. With an
+            // explicit start revision, older events may still be on their way.
+            if *next == 0 {
+                *next = header_revision + 1;
+            }
+            continue;
         }
         let item = if response.events().is_empty() {
             // etcd 3.4 answers a manual progress request (watch id -1) with the store

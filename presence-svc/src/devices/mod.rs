@@ -17,7 +17,11 @@
 //! Every write that depends on an identity's devices (the device limit) is guarded by
 //! "nothing in the identity's range changed after the revision I decided on", so two
 //! replicas can never both admit an identity's eleventh device. The first decision uses the
-//! cache; a failed compare re-reads the identity from etcd and decides again.
+//! cache; a failed compare re-reads the identity from etcd and decides again. etcd evaluates
+//! every compare of a batched txn before applying any of it, so two admissions of one
+//! identity never share a batch (each names the identity's range among its keys): the
+//! second is decided again after the first is visible. The per-account cap is in
+//! [`account`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +38,7 @@ use crate::record::{
     DeviceKey, DeviceRecord, DeviceStatus, Kind, Layout, LeaveNote, LeaveReason, StoredDevice,
 };
 
+mod account;
 mod registration;
 
 /// Attempts of a compare-guarded write before giving up with ABORTED.
@@ -48,13 +53,15 @@ pub enum OverflowPolicy {
     EvictOldest,
 }
 
-/// The per-identity device limit.
+/// The per-identity and per-account device limits.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceLimit {
     /// Most devices per identity.
     pub max: usize,
     /// What to do beyond it.
     pub overflow: OverflowPolicy,
+    /// Most devices per account (beyond it new devices are refused, whatever `overflow`).
+    pub max_per_account: usize,
 }
 
 /// A device record as written, for the response.
@@ -89,6 +96,7 @@ struct Inner {
     writer: GroupCommit,
     notes: LeaveNotes,
     limit: DeviceLimit,
+    places: Arc<account::AccountPlaces>,
 }
 
 impl DeviceStore {
@@ -110,6 +118,7 @@ impl DeviceStore {
                 writer,
                 notes,
                 limit,
+                places: Arc::default(),
             }),
         }
     }
@@ -223,6 +232,8 @@ impl DeviceStore {
     ) -> Result<(Written, Option<StoredDevice>), Error> {
         let Admission { key, record } = admission;
         let layout = &self.inner.layout;
+        let evicts = !self.victims(&view, &key, record.kind)?.is_empty();
+        let place = self.reserve_account_place(&view, &key, evicts)?;
         for _ in 0..ATTEMPTS {
             let victims = self.victims(&view, &key, record.kind)?;
             let unchanged = Compare::mod_revision(
@@ -232,7 +243,12 @@ impl DeviceStore {
             )
             .with_prefix();
             let write = put(layout, &key, &record);
-            let mut keys = vec![layout.device(&key)];
+            // The identity's range is not a key written, only what keeps two admissions of
+            // the identity out of one batch.
+            let mut keys = vec![
+                layout.device(&key),
+                layout.identity_prefix(&key.account, &key.identity),
+            ];
             let committed = if victims.is_empty() {
                 let txn = Txn::new().when([unchanged]).and_then([write]);
                 self.write(txn, keys).await.map_err(unavailable)?
@@ -256,6 +272,7 @@ impl DeviceStore {
                     tracing::info!(identity = %key.identity, evicted = %victim.key.device_id, "device evicted by the device limit");
                 }
                 let revision = committed.revision;
+                self.release_when_cached(place, revision);
                 let written = Written {
                     device: record.to_device(&key, revision),
                     revision,

@@ -25,7 +25,8 @@ impl DeviceStore {
     ) -> Result<Written, Error> {
         let view = self.cache().identity_view(&key.account, &key.identity);
         // Refuse early (no lease granted) when the cache already says no.
-        self.victims(&view, &key, Kind::Registration)?;
+        let evicts = !self.victims(&view, &key, Kind::Registration)?.is_empty();
+        self.check_account(&view, &key, evicts)?;
         let lease = self.grant(ttl).await?;
         let now = now_ms();
         let record = DeviceRecord {

@@ -1,0 +1,380 @@
+//! How a session reaches etcd: endpoints and prefix, TLS (verifying etcd's certificate,
+//! optionally presenting a client certificate) and etcd's user/password authentication.
+//!
+//! [`EtcdOptions::from_args`] turns the shared flags into these options and refuses
+//! half-configured combinations at start-up, naming the flag. The password is read from
+//! `SWITCHBOARD_ETCD_PASSWORD` or `--etcd-password-file`, never from a flag, and is kept in
+//! an [`EtcdPassword`] whose `Debug` does not show it.
+
+use std::path::Path;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+
+use crate::config::CommonArgs;
+
+/// The environment variable the etcd password is read from.
+pub const PASSWORD_ENV: &str = "SWITCHBOARD_ETCD_PASSWORD";
+
+/// A flag (or variable) that is missing, contradicts another, or names an unusable file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{flag}: {problem}")]
+pub struct EtcdConfigError {
+    /// The flag or environment variable at fault.
+    pub flag: &'static str,
+    /// What is wrong with it, and what would fix it.
+    pub problem: String,
+}
+
+impl EtcdConfigError {
+    fn new(flag: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            flag,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// An etcd password. It is only handed to etcd-client; `Debug` prints `<redacted>` and
+/// there is no `Display`, so it cannot end up in a log line or an error by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdPassword(String);
+
+impl EtcdPassword {
+    /// Wraps a password.
+    pub fn new(password: impl Into<String>) -> Self {
+        Self(password.into())
+    }
+
+    /// The password from [`PASSWORD_ENV`], if set and not empty.
+    pub fn from_env() -> Option<Self> {
+        std::env::var(PASSWORD_ENV)
+            .ok()
+            .filter(|password| !password.is_empty())
+            .map(Self)
+    }
+
+    /// Reads a password file, ignoring a trailing newline (what `echo` and editors leave).
+    pub fn from_file(path: &Path) -> Result<Self, EtcdConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            EtcdConfigError::new(
+                "--etcd-password-file",
+                format!("cannot read {}: {err}", path.display()),
+            )
+        })?;
+        let password = text.trim_end_matches(['\n', '\r']);
+        if password.is_empty() {
+            return Err(EtcdConfigError::new(
+                "--etcd-password-file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        Ok(Self(password.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for EtcdPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdPassword(<redacted>)")
+    }
+}
+
+/// The etcd user a session logs in as.
+#[derive(Debug, Clone)]
+pub struct EtcdCredentials {
+    /// The etcd user name.
+    pub user: String,
+    /// Its password.
+    pub password: EtcdPassword,
+}
+
+/// TLS towards etcd, with the PEM files already read (so a missing file fails at start-up).
+#[derive(Clone)]
+pub struct EtcdTls {
+    ca: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdTls {
+    /// Reads the CA (`--etcd-ca`) and optionally a client certificate and key.
+    pub fn from_files(
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<Self, EtcdConfigError> {
+        let identity = match identity {
+            Some((cert, key)) => Some((
+                read_pem("--etcd-cert", cert, "CERTIFICATE")?,
+                read_pem("--etcd-key", key, "PRIVATE KEY")?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            ca: read_pem("--etcd-ca", ca, "CERTIFICATE")?,
+            identity,
+        })
+    }
+
+    fn options(&self) -> TlsOptions {
+        let tls = TlsOptions::new().ca_certificate(Certificate::from_pem(&self.ca));
+        match &self.identity {
+            Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+            None => tls,
+        }
+    }
+}
+
+/// Everything [`super::EtcdSession::connect`] needs.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Endpoints, each `http://` or `https://` (`https://` exactly when `tls` is set).
+    pub endpoints: Vec<String>,
+    /// The deployment's key prefix.
+    pub prefix: String,
+    /// TLS, when etcd serves it.
+    pub tls: Option<EtcdTls>,
+    /// The user to log in as, when etcd has authentication enabled.
+    pub credentials: Option<EtcdCredentials>,
+}
+
+impl EtcdOptions {
+    /// Plain-text, unauthenticated access (development and tests).
+    pub fn plain(endpoints: Vec<String>, prefix: &str) -> Self {
+        Self {
+            endpoints,
+            prefix: prefix.to_owned(),
+            tls: None,
+            credentials: None,
+        }
+    }
+
+    /// The options the shared flags ask for; half-configured combinations are errors.
+    pub fn from_args(args: &CommonArgs) -> Result<Self, EtcdConfigError> {
+        let tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err(EtcdConfigError::new(
+                    "--etcd-cert",
+                    "a client certificate needs TLS: give --etcd-ca too",
+                ));
+            }
+            (Some(_), Some(_), None) => {
+                return Err(EtcdConfigError::new(
+                    "--etcd-cert",
+                    "needs --etcd-key (the certificate's private key)",
+                ));
+            }
+            (Some(_), None, Some(_)) => {
+                return Err(EtcdConfigError::new(
+                    "--etcd-key",
+                    "needs --etcd-cert (the certificate it belongs to)",
+                ));
+            }
+            (Some(ca), cert, key) => Some(EtcdTls::from_files(
+                ca,
+                cert.as_deref().zip(key.as_deref()),
+            )?),
+        };
+        let endpoints = args
+            .etcd_endpoints
+            .iter()
+            .map(|endpoint| endpoint_url(endpoint, tls.is_some()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            endpoints,
+            prefix: args.etcd_prefix.clone(),
+            tls,
+            credentials: credentials(args)?,
+        })
+    }
+
+    /// etcd-client's options for these: TLS, the user, and refreshing its token when etcd
+    /// says it expired.
+    pub(crate) fn connect_options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new();
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.options());
+        }
+        if let Some(credentials) = &self.credentials {
+            options = options
+                .with_user(credentials.user.clone(), credentials.password.0.clone())
+                .with_auto_token_refresh(true);
+        }
+        options
+    }
+}
+
+fn credentials(args: &CommonArgs) -> Result<Option<EtcdCredentials>, EtcdConfigError> {
+    let password = match (&args.etcd_password, &args.etcd_password_file) {
+        (Some(_), Some(_)) => {
+            return Err(EtcdConfigError::new(
+                "--etcd-password-file",
+                format!("{PASSWORD_ENV} is set too: give the password one way only"),
+            ));
+        }
+        (Some(password), None) => Some(password.clone()),
+        (None, Some(path)) => Some(EtcdPassword::from_file(path)?),
+        (None, None) => None,
+    };
+    match (
+        args.etcd_user.as_deref().filter(|u| !u.is_empty()),
+        password,
+    ) {
+        (Some(user), Some(password)) => Ok(Some(EtcdCredentials {
+            user: user.to_owned(),
+            password,
+        })),
+        (Some(_), None) => Err(EtcdConfigError::new(
+            "--etcd-user",
+            format!("needs a password: set {PASSWORD_ENV} or give --etcd-password-file"),
+        )),
+        (None, Some(_)) => Err(EtcdConfigError::new(
+            "--etcd-user",
+            format!(
+                "an etcd password is configured ({PASSWORD_ENV} or --etcd-password-file) but no user to log in as"
+            ),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `endpoint` with the scheme TLS asks for: a bare `host:port` gets it, a contradicting
+/// one is refused rather than silently rewritten.
+fn endpoint_url(endpoint: &str, tls: bool) -> Result<String, EtcdConfigError> {
+    let (plain, secure) = (
+        endpoint.starts_with("http://"),
+        endpoint.starts_with("https://"),
+    );
+    match (tls, plain, secure) {
+        (true, true, _) => Err(EtcdConfigError::new(
+            "--etcd",
+            format!("{endpoint} is plain http but --etcd-ca turns TLS on: use https://"),
+        )),
+        (false, _, true) => Err(EtcdConfigError::new(
+            "--etcd",
+            format!("{endpoint} is https: give --etcd-ca, the CA that signed etcd's certificate"),
+        )),
+        (true, false, false) => Ok(format!("https://{endpoint}")),
+        (false, false, false) => Ok(format!("http://{endpoint}")),
+        _ => Ok(endpoint.to_owned()),
+    }
+}
+
+/// Reads a PEM file, checking it holds a `label` block so a swapped file fails here.
+fn read_pem(flag: &'static str, path: &Path, label: &str) -> Result<Vec<u8>, EtcdConfigError> {
+    let bytes = std::fs::read(path).map_err(|err| {
+        EtcdConfigError::new(flag, format!("cannot read {}: {err}", path.display()))
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    let holds_label = text
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.contains(label));
+    if !holds_label {
+        return Err(EtcdConfigError::new(
+            flag,
+            format!("{} holds no PEM {label}", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    fn args(flags: &[&str]) -> CommonArgs {
+        Cli::try_parse_from(std::iter::once("test").chain(flags.iter().copied()))
+            .unwrap()
+            .common
+    }
+
+    fn refusal(args: &CommonArgs) -> EtcdConfigError {
+        EtcdOptions::from_args(args).unwrap_err()
+    }
+
+    #[test]
+    fn plain_flags_give_plain_options() {
+        let options = EtcdOptions::from_args(&args(&["--etcd", "10.0.0.1:2379"])).unwrap();
+        assert_eq!(options.endpoints, ["http://10.0.0.1:2379"]);
+        assert!(options.tls.is_none() && options.credentials.is_none());
+    }
+
+    #[test]
+    fn half_configured_tls_is_refused_naming_the_flag() {
+        assert_eq!(
+            refusal(&args(&["--etcd-ca", "/ca", "--etcd-cert", "/c"])).flag,
+            "--etcd-cert"
+        );
+        assert_eq!(
+            refusal(&args(&["--etcd-ca", "/ca", "--etcd-key", "/k"])).flag,
+            "--etcd-key"
+        );
+        assert_eq!(
+            refusal(&args(&["--etcd-cert", "/c", "--etcd-key", "/k"])).flag,
+            "--etcd-cert"
+        );
+        assert_eq!(
+            refusal(&args(&["--etcd-ca", "/nonexistent/ca.pem"])).flag,
+            "--etcd-ca"
+        );
+        assert_eq!(refusal(&args(&["--etcd", "https://e:2379"])).flag, "--etcd");
+    }
+
+    #[test]
+    fn a_user_needs_exactly_one_password_source() {
+        assert_eq!(refusal(&args(&["--etcd-user", "sb"])).flag, "--etcd-user");
+        let mut with_env = args(&["--etcd-password-file", "/p"]);
+        with_env.etcd_password = Some(EtcdPassword::new("from-env"));
+        assert_eq!(refusal(&with_env).flag, "--etcd-password-file");
+        let missing = refusal(&args(&[
+            "--etcd-user",
+            "sb",
+            "--etcd-password-file",
+            "/nonexistent",
+        ]));
+        assert_eq!(missing.flag, "--etcd-password-file");
+        let mut env_only = args(&[]);
+        env_only.etcd_password = Some(EtcdPassword::new("from-env"));
+        assert_eq!(refusal(&env_only).flag, "--etcd-user");
+    }
+
+    #[test]
+    fn a_password_file_loses_its_trailing_newline_and_never_shows() {
+        let dir = std::env::temp_dir().join(format!("sb-etcd-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("password");
+        std::fs::write(&path, "s3cret-value\n").unwrap();
+        let path_text = path.to_str().unwrap();
+        let options = EtcdOptions::from_args(&args(&[
+            "--etcd-user",
+            "sb",
+            "--etcd-password-file",
+            path_text,
+        ]))
+        .unwrap();
+        let credentials = options.credentials.clone().unwrap();
+        assert_eq!(credentials.password, EtcdPassword::new("s3cret-value"));
+        assert!(!format!("{options:?}").contains("s3cret"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn there_is_no_password_flag() {
+        let parsed = Cli::try_parse_from(["test", "--etcd-password", "x"]);
+        assert!(parsed.is_err());
+    }
+}
