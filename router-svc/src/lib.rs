@@ -69,10 +69,12 @@ pub mod store;
 pub mod url;
 pub mod watch;
 pub mod webhook;
+pub mod webhook_tls;
 pub mod xml;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,6 +98,7 @@ use crate::live::LiveTable;
 use crate::peers::Peers;
 use crate::store::CommStore;
 use crate::webhook::WebhookClient;
+use crate::webhook_tls::WebhookTls;
 
 /// Flags of the router server.
 #[derive(Debug, Clone, Args)]
@@ -144,6 +147,11 @@ pub struct RouterArgs {
     /// it WatchCommunication is refused (RESOURCE_EXHAUSTED).
     #[arg(long, env = "SWITCHBOARD_MAX_WATCHES_PER_ACCOUNT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watches_per_account: u32,
+
+    /// CA bundle (PEM) trusted for https webhooks in addition to the system's roots, for
+    /// customers whose instruction servers use a private CA. Read at start-up.
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_CA")]
+    pub webhook_ca: Option<PathBuf>,
 }
 
 impl Default for RouterArgs {
@@ -153,6 +161,7 @@ impl Default for RouterArgs {
             communication_retention: Duration::from_secs(300),
             max_applications_per_account: 10_000,
             max_watches_per_account: 1000,
+            webhook_ca: None,
         }
     }
 }
@@ -183,6 +192,8 @@ pub async fn run_with(
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let address = listener.local_addr()?;
+    // Before etcd: a bad --webhook-ca stops the start at once, naming the flag.
+    let webhook_tls = WebhookTls::load(router.webhook_ca.as_deref())?;
     let replica = Replica::start(&args.common, address).await?;
     let guard = GuardLayer::from_args(&args.guard, &args.common, replica.client_tls())?;
     // Route returns when the communication is connected or over: its Dial timeouts and
@@ -214,7 +225,7 @@ pub async fn run_with(
             args.guard.limiter.clone(),
             replica.client_tls().clone(),
         ),
-        webhooks: WebhookClient::new(args.allow_private_webhooks),
+        webhooks: WebhookClient::new(args.allow_private_webhooks, webhook_tls),
         slot_hold: slot_hold(args.common.replica_ttl),
         fail_closed: args.guard.guard_fail_closed,
         shutdown: CancellationToken::new(),

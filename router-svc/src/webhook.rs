@@ -3,9 +3,11 @@
 //! response, and the SSRF guard applied to the *resolved* address — the connection goes to
 //! the very address that was checked, so a DNS answer cannot change between check and use.
 //!
-//! HTTP/1.1 over hyper. Idle connections are kept per origin for reuse (the webhook of a
-//! busy application is asked many times a second), at most [`IDLE_PER_ORIGIN`] each, for at
-//! most [`IDLE_FOR`].
+//! HTTP/1.1 over hyper, for `https` URLs over TLS ([`crate::webhook_tls`]: the host as SNI
+//! and verified name, the system's roots plus `--webhook-ca`). Idle connections are kept per
+//! origin — scheme, checked address and host name, so a TLS connection verified for one name
+//! never carries a request for another — for reuse (the webhook of a busy application is
+//! asked many times a second), at most [`IDLE_PER_ORIGIN`] each, for at most [`IDLE_FOR`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,11 +21,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::url::{Scheme, WebhookUrl, is_public, refusal};
+use crate::webhook_tls::{TlsFailure, WebhookTls};
 use crate::xml::Method;
 
-/// Connect deadline (DNS and TCP).
+/// Connect deadline (DNS, TCP, and the TLS handshake of https).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of a whole request, connect included.
 pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -68,9 +72,14 @@ pub enum WebhookError {
     /// The body exceeded [`MAX_RESPONSE`].
     #[error("response body exceeds {MAX_RESPONSE} bytes")]
     TooLarge,
-    /// This build speaks plain HTTP only.
-    #[error("https webhooks are not supported by this router build; use http")]
-    TlsUnsupported,
+    /// The TLS handshake of an https webhook failed (untrusted or wrong certificate, ...).
+    #[error("TLS handshake with `{host}` failed: {reason}")]
+    Tls {
+        /// The host of the URL.
+        host: String,
+        /// Why.
+        reason: TlsFailure,
+    },
 }
 
 /// A webhook answer.
@@ -95,21 +104,33 @@ pub struct WebhookRequest<'a> {
     pub secret: &'a str,
 }
 
-/// Idle connections by address, with when they became idle.
-type IdlePool = HashMap<SocketAddr, Vec<(SendRequest<Full<Bytes>>, Instant)>>;
+/// What a kept connection may be reused for: the same scheme, checked address and host
+/// name (an https connection's certificate was verified for that name only).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    scheme: Scheme,
+    address: SocketAddr,
+    host: String,
+}
+
+/// Idle connections by origin, with when they became idle.
+type IdlePool = HashMap<Origin, Vec<(SendRequest<Full<Bytes>>, Instant)>>;
 
 /// The HTTP client of the router.
 #[derive(Debug, Clone)]
 pub struct WebhookClient {
     allow_private: bool,
+    tls: WebhookTls,
     idle: Arc<Mutex<IdlePool>>,
 }
 
 impl WebhookClient {
-    /// A client; `allow_private` lifts the SSRF guard (local development and tests).
-    pub fn new(allow_private: bool) -> Self {
+    /// A client; `allow_private` lifts the SSRF guard (local development and tests), `tls`
+    /// is what https webhooks trust.
+    pub fn new(allow_private: bool, tls: WebhookTls) -> Self {
         Self {
             allow_private,
+            tls,
             idle: Arc::default(),
         }
     }
@@ -134,9 +155,6 @@ impl WebhookClient {
         request: &WebhookRequest<'_>,
     ) -> Result<WebhookResponse, WebhookError> {
         let url = request.url;
-        if url.scheme == Scheme::Https {
-            return Err(WebhookError::TlsUnsupported);
-        }
         url.check_host(self.allow_private)
             .map_err(WebhookError::Refused)?;
         let (target, signed) = match request.method {
@@ -168,7 +186,11 @@ impl WebhookClient {
             Method::Get => Bytes::new(),
             Method::Post => Bytes::from(form_encode(request.params)),
         };
-        let host_header = if (url.scheme, url.port) == (Scheme::Http, 80) {
+        let default_port = match url.scheme {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        };
+        let host_header = if url.port == default_port {
             url.host.clone()
         } else if url.host.contains(':') {
             format!("[{}]:{}", url.host, url.port)
@@ -191,7 +213,7 @@ impl WebhookClient {
         let http_request = builder
             .body(Full::new(body))
             .map_err(|e| WebhookError::Http(e.to_string()))?;
-        let (address, mut sender) = self.connection(url).await?;
+        let (origin, mut sender) = self.connection(url).await?;
         let response = sender
             .send_request(http_request)
             .await
@@ -208,7 +230,7 @@ impl WebhookClient {
                 }
             })?
             .to_bytes();
-        self.keep(address, sender);
+        self.keep(origin, sender);
         if !(200..300).contains(&status) {
             return Err(WebhookError::Status(status));
         }
@@ -219,7 +241,7 @@ impl WebhookClient {
     async fn connection(
         &self,
         url: &WebhookUrl,
-    ) -> Result<(SocketAddr, SendRequest<Full<Bytes>>), WebhookError> {
+    ) -> Result<(Origin, SendRequest<Full<Bytes>>), WebhookError> {
         let addresses = tokio::time::timeout(CONNECT_TIMEOUT, resolve(url))
             .await
             .map_err(|_| WebhookError::Resolve {
@@ -241,9 +263,15 @@ impl WebhookClient {
                 reason: "no addresses".into(),
             });
         };
-        if let Some(sender) = self.reuse(address) {
-            return Ok((address, sender));
+        let origin = Origin {
+            scheme: url.scheme,
+            address,
+            host: url.host.clone(),
+        };
+        if let Some(sender) = self.reuse(&origin) {
+            return Ok((origin, sender));
         }
+        // The connection goes to the address just checked; TLS runs over that very stream.
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(address))
             .await
             .map_err(|_| WebhookError::Connect {
@@ -255,20 +283,16 @@ impl WebhookClient {
                 reason: e.to_string(),
             })?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| WebhookError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "webhook connection closed");
-            }
-        });
-        Ok((address, sender))
+        let sender = match url.scheme {
+            Scheme::Http => http1(stream).await?,
+            Scheme::Https => http1(self.tls.connect(&url.host, stream).await?).await?,
+        };
+        Ok((origin, sender))
     }
 
-    fn reuse(&self, address: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
+    fn reuse(&self, origin: &Origin) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let pool = idle.get_mut(&address)?;
+        let pool = idle.get_mut(origin)?;
         while let Some((sender, since)) = pool.pop() {
             if since.elapsed() < IDLE_FOR && !sender.is_closed() && sender.is_ready() {
                 return Some(sender);
@@ -277,16 +301,32 @@ impl WebhookClient {
         None
     }
 
-    fn keep(&self, address: SocketAddr, sender: SendRequest<Full<Bytes>>) {
+    fn keep(&self, origin: Origin, sender: SendRequest<Full<Bytes>>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let pool = idle.entry(address).or_default();
+        let pool = idle.entry(origin).or_default();
         if pool.len() < IDLE_PER_ORIGIN {
             pool.push((sender, Instant::now()));
         }
     }
+}
+
+/// An HTTP/1.1 client connection over `io` (TCP, or TLS over TCP), driven by its own task.
+async fn http1<IO>(io: IO) -> Result<SendRequest<Full<Bytes>>, WebhookError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| WebhookError::Http(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "webhook connection closed");
+        }
+    });
+    Ok(sender)
 }
 
 async fn resolve(url: &WebhookUrl) -> Result<Vec<SocketAddr>, WebhookError> {

@@ -2,10 +2,11 @@
 //! devices on Connect streams, and a local webhook HTTP server that records what it gets.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use integration::certs::CertFiles;
 use integration::{Etcd, InProcess, Tokens, poll_until, unique_prefix};
 use plumbing::auth::Scope;
 use plumbing::server::ServeError;
@@ -16,8 +17,11 @@ use proto::presence::v1::connect_request::Kind as Say;
 use proto::presence::v1::connect_response::Kind as Recv;
 use proto::router::v1 as pb;
 use proto::router::v1::router_service_client::RouterServiceClient;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
+use tokio_rustls::rustls;
 use tonic::transport::Channel;
 
 use crate::presence_support::{Session, Tenant, client, presence_of};
@@ -44,6 +48,15 @@ impl World {
 
     /// Starts everything, the router allowing private webhooks or not.
     pub async fn start_with(limit: u32, allow_private: bool) -> Self {
+        Self::start_with_router(limit, allow_private, router_svc::RouterArgs::default()).await
+    }
+
+    /// Starts everything, the router with its own flags `router_args`.
+    pub async fn start_with_router(
+        limit: u32,
+        allow_private: bool,
+        router_args: router_svc::RouterArgs,
+    ) -> Self {
         let etcd = Etcd::start().await;
         let prefix = unique_prefix();
         let presence = support::presence(&etcd, &prefix).await;
@@ -54,7 +67,7 @@ impl World {
             presence.addr.to_string(),
             Some(limiter.addr.to_string()),
             allow_private,
-            router_svc::RouterArgs::default(),
+            router_args,
         )
         .await;
         let tenant = Tenant::create(&presence, ACCOUNT).await;
@@ -343,49 +356,110 @@ impl Captured {
 /// What the webhook server answers.
 pub type Handler = Arc<dyn Fn(&Captured) -> (u16, String) + Send + Sync>;
 
-/// A local HTTP/1.1 server that records requests and answers through a handler.
+/// A local HTTP/1.1 server that records requests and answers through a handler; plain
+/// ([`WebhookServer::start`]) or over TLS ([`WebhookServer::start_tls`]).
 pub struct WebhookServer {
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     seen: Arc<Mutex<Vec<Captured>>>,
+    handshakes: Arc<Mutex<Vec<Handshake>>>,
     arrivals: tokio::sync::Mutex<mpsc::UnboundedReceiver<Captured>>,
 }
 
+/// One completed TLS handshake of a [`WebhookServer`] serving https.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// The SNI the client sent (none for an IP address).
+    pub server_name: Option<String>,
+    /// The ALPN protocol agreed on.
+    pub alpn: Option<String>,
+}
+
 impl WebhookServer {
-    /// Starts a server answering with `handler`.
+    /// Starts a plain HTTP server on 127.0.0.1 answering with `handler`.
     pub async fn start(
         handler: impl Fn(&Captured) -> (u16, String) + Send + Sync + 'static,
     ) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(Ipv4Addr::LOCALHOST, None, Arc::new(handler)).await
+    }
+
+    /// Starts an https server on 127.0.0.1 presenting `cert`, answering with `handler`.
+    pub async fn start_tls(
+        cert: &CertFiles,
+        handler: impl Fn(&Captured) -> (u16, String) + Send + Sync + 'static,
+    ) -> Self {
+        Self::start_tls_on(Ipv4Addr::LOCALHOST, cert, handler).await
+    }
+
+    /// Starts an https server on `ip` (a loopback address) presenting `cert`.
+    pub async fn start_tls_on(
+        ip: Ipv4Addr,
+        cert: &CertFiles,
+        handler: impl Fn(&Captured) -> (u16, String) + Send + Sync + 'static,
+    ) -> Self {
+        Self::serve(ip, Some(tls_acceptor(cert)), Arc::new(handler)).await
+    }
+
+    async fn serve(ip: Ipv4Addr, tls: Option<tokio_rustls::TlsAcceptor>, handler: Handler) -> Self {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let handler: Handler = Arc::new(handler);
         let seen: Arc<Mutex<Vec<Captured>>> = Arc::default();
+        let handshakes: Arc<Mutex<Vec<Handshake>>> = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
-        let recorded = seen.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let (recorded, shaken) = (seen.clone(), handshakes.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_connection(
-                    stream,
-                    handler.clone(),
-                    recorded.clone(),
-                    tx.clone(),
-                ));
+                let (handler, recorded, tx) = (handler.clone(), recorded.clone(), tx.clone());
+                let Some(acceptor) = tls.clone() else {
+                    tokio::spawn(serve_connection(stream, handler, recorded, tx));
+                    continue;
+                };
+                let shaken = shaken.clone();
+                tokio::spawn(async move {
+                    // A handshake the client aborts (it distrusts the certificate) ends here.
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let (_, session) = stream.get_ref();
+                    shaken.lock().unwrap().push(Handshake {
+                        server_name: session.server_name().map(str::to_owned),
+                        alpn: session
+                            .alpn_protocol()
+                            .map(|p| String::from_utf8_lossy(p).into_owned()),
+                    });
+                    serve_connection(stream, handler, recorded, tx).await;
+                });
             }
         });
         Self {
             addr,
+            scheme,
             seen,
+            handshakes,
             arrivals: tokio::sync::Mutex::new(rx),
         }
     }
 
-    /// `http://127.0.0.1:PORT{path}`.
+    /// `http://IP:PORT{path}` (`https://` when serving TLS).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
+    }
+
+    /// The same server by host name: `https://localhost:PORT{path}`.
+    pub fn localhost_url(&self, path: &str) -> String {
+        format!("{}://localhost:{}{path}", self.scheme, self.addr.port())
     }
 
     /// Every request so far.
     pub fn requests(&self) -> Vec<Captured> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Every completed TLS handshake so far, in order.
+    pub fn handshakes(&self) -> Vec<Handshake> {
+        self.handshakes.lock().unwrap().clone()
     }
 
     /// The next request to arrive (in arrival order).
@@ -398,13 +472,33 @@ impl WebhookServer {
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+/// A TLS acceptor presenting `cert`, with ALPN `http/1.1`.
+fn tls_acceptor(cert: &CertFiles) -> tokio_rustls::TlsAcceptor {
+    let chain = CertificateDer::pem_file_iter(&cert.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn serve_connection<S>(
+    stream: S,
     handler: Handler,
     seen: Arc<Mutex<Vec<Captured>>>,
     arrivals: mpsc::UnboundedSender<Captured>,
-) {
-    let (read, mut write) = stream.into_split();
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (read, mut write) = tokio::io::split(stream);
     let mut reader = BufReader::new(read);
     loop {
         let mut line = String::new();
