@@ -367,6 +367,8 @@ pub fn common_args_for(etcd_endpoints: Vec<String>, prefix: &str) -> CommonArgs 
         etcd_password: None,
         platform_key_id: PLATFORM_KEY_ID.to_owned(),
         platform_secret: Some(plumbing::config::Secret::new(PLATFORM_SECRET)),
+        platform_accept_key_id: None,
+        platform_accept_secret: None,
         log_format: LogFormat::Human,
         drain_timeout: Duration::from_secs(5),
         metrics_listen: None,

@@ -61,6 +61,24 @@ pub struct CommonArgs {
     #[arg(long, env = "SWITCHBOARD_PLATFORM_SECRET", hide_env_values = true)]
     pub platform_secret: Option<Secret>,
 
+    /// Key id of a second platform key that is accepted but never used to sign: set it
+    /// during a platform key rotation so tokens of both keys verify (see OPERATIONS.md).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PLATFORM_ACCEPT_KEY_ID",
+        requires = "platform_accept_secret"
+    )]
+    pub platform_accept_key_id: Option<String>,
+
+    /// Secret of the `--platform-accept-key-id` key. Prefer the environment variable.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PLATFORM_ACCEPT_SECRET",
+        hide_env_values = true,
+        requires = "platform_accept_key_id"
+    )]
+    pub platform_accept_secret: Option<Secret>,
+
     /// Log format on stderr: `human` for people, `json` for log collectors.
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,

@@ -2,7 +2,8 @@
 //! reaches its handler, the guard acquires a slot of resource `rpc:<path>` for the caller's
 //! account from limiter-svc; when the response body ends (for streams: when the stream
 //! ends) the slot is released. Over the limit the caller gets RESOURCE_EXHAUSTED with
-//! `retry-after-ms` metadata and a `google.rpc.RetryInfo` detail.
+//! `retry-after-ms` metadata and a `google.rpc.RetryInfo` detail, once the rest of the
+//! request has been read ([`crate::refusal`]).
 //!
 //! Slots of long streams are renewed every [`RENEW_EVERY`] while the stream lives, so a
 //! replica that crashes mid-stream leaks nothing for longer than [`HOLD_SECS`].
@@ -37,6 +38,7 @@ use tower::{Layer, Service};
 use crate::auth::{Caller, PUBLIC_PATH_PREFIXES, Scope};
 use crate::client::{CallCredentials, ClientTls};
 use crate::quota::{AccountQuota, QuotaPermit};
+use crate::refusal::refuse;
 
 /// Hold of a guard slot; long streams renew it.
 pub const HOLD_SECS: u32 = 60;
@@ -45,8 +47,6 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(20);
 /// How long the guard waits for the limiter before failing open or closed (and for a
 /// renewal or release, which nobody waits for).
 const LIMITER_DEADLINE: Duration = Duration::from_secs(2);
-/// How long a refusal waits for the rest of the request (see [`drain`]).
-const DRAIN_WITHIN: Duration = Duration::from_millis(100);
 /// The retry hint of a local refusal: requests in flight end within milliseconds.
 const LOCAL_RETRY_AFTER: Duration = Duration::from_millis(100);
 
@@ -206,10 +206,7 @@ where
                     }))
                 }
                 Admission::Open => inner.call(request).await,
-                Admission::Refused(status) => {
-                    drain(request.into_body()).await;
-                    Ok(status.into_http())
-                }
+                Admission::Refused(status) => Ok(refuse(request.into_body(), status).await),
             }
         })
     }
@@ -228,19 +225,6 @@ enum Admission {
     Granted(Held),
     Open,
     Refused(tonic::Status),
-}
-
-/// Reads what is left of a refused request (a unary request's message arrives right after
-/// its headers), for at most [`DRAIN_WITHIN`], so that its stream ends cleanly. Answering
-/// first makes h2 reset the stream, and the client's late frames then cost a reset each,
-/// which h2 counts: past its limit it closes the whole connection, taking every caller
-/// sharing it (a proxy's, another tenant's) down with the flood being refused.
-async fn drain<B: Body + Unpin>(mut body: B) {
-    use http_body_util::BodyExt as _;
-    let _ = tokio::time::timeout(DRAIN_WITHIN, async {
-        while let Some(Ok(_)) = body.frame().await {}
-    })
-    .await;
 }
 
 /// RESOURCE_EXHAUSTED with `message`, the `retry-after-ms` metadata and a

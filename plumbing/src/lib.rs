@@ -9,6 +9,8 @@
 //!   through limiter-svc;
 //! - [`limits`]: per-connection and per-request limits (concurrent streams, message size,
 //!   request deadline); [`quota`]: per-account caps counted on one replica;
+//! - [`refusal`]: how a layer refuses a call before its handler without costing the
+//!   connection (the rest of the request is read first);
 //! - [`metrics`]: Prometheus metrics and the `--metrics-listen` endpoint;
 //! - [`client`]: channels and call credentials for service-to-service calls;
 //! - [`tls`]: TLS of servers (with certificate reload) and of service-to-service calls;
@@ -25,6 +27,7 @@ pub mod guard;
 pub mod limits;
 pub mod metrics;
 pub mod quota;
+pub mod refusal;
 pub mod server;
 pub mod status;
 pub mod telemetry;

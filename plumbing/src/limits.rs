@@ -18,6 +18,11 @@
 //!   bounds the same span, but answers CANCELLED and outside the metrics layer, hence this
 //!   layer. Unary calls that wait by contract (a queued Acquire, a Route ringing a device)
 //!   are registered as [`LongCall`]s.
+//!
+//! Both refusals may come before the rest of the request has arrived. The request body is
+//! a [`DrainOnDrop`]: when the handler gives it up (answering the oversized message, or
+//! dropped at the deadline), what is left is read in the background for a moment, so the
+//! refusal does not reset the stream ([`crate::refusal`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,6 +37,7 @@ use http_body::{Body, Frame};
 use tower::{Layer, Service};
 
 use crate::config::parse_duration;
+use crate::refusal::DrainOnDrop;
 
 /// Default of `--max-concurrent-streams`: far above what one client application needs, and
 /// room for the relay legs a router replica multiplexes onto one presence connection.
@@ -42,6 +48,13 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 4096;
 pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 512 * 1024;
 /// Default of `--request-timeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Streams a connection may make the server reset for its own errors (frames for a stream
+/// already closed, flow-control violations) before the server closes the connection. h2
+/// defaults to this number, but tonic turns the check off unless it is set; without it, a
+/// client can make the server reset its streams and still keep their handlers running, past
+/// `--max-concurrent-streams` ("MadeYouReset", CVE-2025-8671). Refusals must therefore not
+/// cost resets ([`crate::refusal`]), or a flood of them would close a shared connection.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// How much earlier than the caller's `grpc-timeout` this layer answers, so that its
 /// DEADLINE_EXCEEDED is sent before tonic's own timer for the same header (which answers
 /// CANCELLED) fires.
@@ -179,12 +192,14 @@ pub struct RequestLimitsService<S> {
 
 impl<S, B> Service<http::Request<B>> for RequestLimitsService<S>
 where
-    S: Service<http::Request<SizedBody<B>>, Response = http::Response<tonic::body::Body>>
-        + Clone
+    S: Service<
+            http::Request<SizedBody<DrainOnDrop<B>>>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: Body + Unpin + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -202,7 +217,8 @@ where
             .limits
             .deadline(request.uri().path(), request.headers());
         let limit = self.limits.max_message;
-        let response = inner.call(request.map(|body| SizedBody::new(body, limit)));
+        let response =
+            inner.call(request.map(|body| SizedBody::new(DrainOnDrop::new(body), limit)));
         Box::pin(async move {
             let Some((within, why)) = deadline else {
                 return response.await;
@@ -417,7 +433,7 @@ mod tests {
             request_timeout: Duration::from_secs(30),
             ..ConnectionLimits::default()
         };
-        let never = tower::service_fn(|_: http::Request<SizedBody<String>>| async {
+        let never = tower::service_fn(|_: http::Request<SizedBody<DrainOnDrop<String>>>| async {
             std::future::pending::<Result<http::Response<tonic::body::Body>, Infallible>>().await
         });
         let mut service = RequestLimitsLayer::new(&limits, &[]).layer(never);

@@ -100,7 +100,16 @@ impl Replica {
                 "no platform secret configured: only account keys from etcd are accepted"
             );
         }
-        let verifier = Verifier::new(platform, Some(keys.clone()));
+        let accepted = common
+            .platform_accept_key_id
+            .clone()
+            .zip(common.platform_accept_secret.as_ref())
+            .filter(|(id, secret)| !secret.is_empty() && *id != common.platform_key_id)
+            .map(|(id, secret)| (id, secret.as_bytes().to_vec()));
+        if accepted.is_some() {
+            tracing::info!("a second platform key is accepted (platform key rotation)");
+        }
+        let verifier = Verifier::new(platform, Some(keys.clone())).accepting(accepted);
         Ok(Self {
             session,
             lease,
@@ -187,6 +196,7 @@ impl Replica {
         tracing::info!(address = %self.address, replica = %self.replica_id, lease = self.lease.id(), tls = self.tls.is_some(), "serving");
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(self.limits.max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(crate::limits::MAX_LOCAL_ERROR_RESETS))
             .layer(TraceLayer)
             .layer(self.metrics.layer())
             .layer(AuthLayer::new(self.verifier.clone()))

@@ -1,12 +1,13 @@
 //! TLS (rustls, ALPN `h2`) for Switchboard's gRPC servers and for the calls between them.
 //!
 //! - [`TlsArgs`]: the servers' flags (`--tls-cert`, `--tls-key`, `--tls-client-ca`,
-//!   `--tls-ca`), flattened into [`crate::config::CommonArgs`]; [`ClientTlsArgs`]: the
+//!   `--tls-ca`, `--tls-max-handshakes`), flattened into [`crate::config::CommonArgs`]; [`ClientTlsArgs`]: the
 //!   flags of clients that only call (softphone, benchmark).
 //! - [`ServerTls`]: the server side. The rustls `ServerConfig` lives in a swappable holder;
 //!   [`ServerTls::incoming`] handshakes every new TCP connection with the config current at
 //!   that moment, so replacing the config (on SIGHUP, or when the files change) affects new
-//!   connections only and never drops a live one.
+//!   connections only and never drops a live one. At most `--tls-max-handshakes`
+//!   handshakes run at once (see [`acceptor`](TlsIncoming)).
 //! - [`ClientTls`]: the client side, a `tonic` TLS config with the CA to trust and the
 //!   optional client certificate, used by [`crate::client::channel_with`].
 //!
@@ -24,7 +25,7 @@ mod acceptor;
 mod client;
 mod server;
 
-pub use acceptor::{HANDSHAKE_TIMEOUT, RELOAD_POLL, TlsIncoming};
+pub use acceptor::{DEFAULT_MAX_HANDSHAKES, HANDSHAKE_TIMEOUT, RELOAD_POLL, TlsIncoming};
 pub use client::ClientTls;
 pub use server::ServerTls;
 
@@ -34,7 +35,7 @@ pub(crate) const CLIENT_CA_FLAG: &str = "--tls-client-ca";
 pub(crate) const CA_FLAG: &str = "--tls-ca";
 
 /// TLS flags of every Switchboard server.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct TlsArgs {
     /// Certificate chain (PEM) to serve gRPC with over TLS; needs `--tls-key`. Also the
     /// client certificate presented to other Switchboard services when `--tls-ca` is given.
@@ -55,6 +56,24 @@ pub struct TlsArgs {
     /// calls use TLS (and present `--tls-cert` as client certificate when it is set).
     #[arg(long, env = "SWITCHBOARD_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+
+    /// Most TLS handshakes in progress at once. When they are all taken (by slow or silent
+    /// clients, each for at most 10 s), new connections wait in the listen backlog, not
+    /// accepted, until one ends; a warning says so at most once a minute.
+    #[arg(long, env = "SWITCHBOARD_TLS_MAX_HANDSHAKES", default_value_t = DEFAULT_MAX_HANDSHAKES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tls_max_handshakes: u32,
+}
+
+impl Default for TlsArgs {
+    fn default() -> Self {
+        Self {
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_ca: None,
+            tls_max_handshakes: DEFAULT_MAX_HANDSHAKES,
+        }
+    }
 }
 
 /// TLS flags of a program that only calls Switchboard services.
@@ -195,7 +214,7 @@ mod tests {
             tls_cert: cert.map(PathBuf::from),
             tls_key: key.map(PathBuf::from),
             tls_client_ca: client_ca.map(PathBuf::from),
-            tls_ca: None,
+            ..TlsArgs::default()
         }
     }
 

@@ -3,6 +3,7 @@
 //! (message size, request deadline, streams per connection, per-account caps) holds and
 //! leaves other accounts alone.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -303,6 +304,74 @@ async fn a_unary_call_past_the_request_timeout_ends_while_a_stream_outlives_it()
         }
         other => panic!("expected registered, got {other:?}"),
     }
+    server.shutdown().await.unwrap();
+}
+
+/// Calls with a bad token in `refused_calls_flooding_a_shared_connection_never_close_it`: the
+/// server closes a connection after 1024 streams it had to reset for frames arriving late
+/// (`plumbing::limits::MAX_LOCAL_ERROR_RESETS`).
+const REFUSED_CALLS: usize = 4000;
+/// Concurrent callers of that flood.
+const REFUSED_CALLERS: usize = 32;
+
+// Two workers, as a server has: the refusal races the rest of the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_flooding_a_shared_connection_never_close_it() {
+    let etcd = Etcd::start().await;
+    let server = support::presence(&etcd, &unique_prefix()).await;
+    let tenant = Tenant::create(&server, "ACcalm").await;
+    tenant.known_to(&server).await;
+    // One channel is one HTTP/2 connection: the flood and the good calls share it, as the
+    // callers behind one proxy do.
+    let shared = client(&server);
+    let forged = Tokens::signed(
+        "no-such-key",
+        "not-a-secret",
+        "ACflood",
+        None,
+        &[Scope::PresenceRead],
+        600,
+    );
+    // About 100 KB: the message follows the headers in several DATA frames, some of which
+    // are still on their way when the refusal comes.
+    let batch = pb::BatchGetPresenceRequest {
+        identities: (0..400)
+            .map(|i| format!("{}{i:05}", "i".repeat(251)))
+            .collect(),
+        ..Default::default()
+    };
+    let flood = {
+        let shared = shared.clone();
+        abuse_support::burst(REFUSED_CALLERS, REFUSED_CALLS, move || {
+            let (mut shared, request) = (shared.clone(), Tokens::request(&forged, batch.clone()));
+            async move { shared.batch_get_presence(request).await.map(drop) }
+        })
+    };
+    let good = tenant.token(None, &[Scope::PresenceRead]);
+    let mut served = 0;
+    while !flood.is_finished() {
+        let request = pb::GetPresenceRequest {
+            identity: "alice".into(),
+            ..Default::default()
+        };
+        if let Err(status) = shared
+            .clone()
+            .get_presence(Tokens::request(&good, request))
+            .await
+        {
+            panic!(
+                "good call {served} on the shared connection failed during the flood: {status:?}"
+            );
+        }
+        served += 1;
+    }
+    let codes = flood.await.unwrap();
+    assert_eq!(
+        codes,
+        HashMap::from([(Code::Unauthenticated, REFUSED_CALLS as u64)]),
+        "every call with a bad token is refused, and only so"
+    );
+    assert!(served > 0, "no good call ran during the flood");
     server.shutdown().await.unwrap();
 }
 

@@ -1,8 +1,9 @@
 //! Helpers of the abuse-limit tests: servers with chosen limits, and a flood of concurrent
 //! callers that counts how each call ended.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -155,4 +156,36 @@ where
         slowest = slowest.max(started.elapsed());
     }
     slowest
+}
+
+/// Makes `calls` calls with `callers` tasks at once; resolves to how many ended with each
+/// code (`Code::Ok` for successes).
+pub fn burst<F, Fut>(callers: usize, calls: usize, call: F) -> JoinHandle<HashMap<Code, u64>>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let (next, call) = (next.clone(), call.clone());
+            tokio::spawn(async move {
+                let mut codes = HashMap::<Code, u64>::new();
+                while next.fetch_add(1, Ordering::Relaxed) < calls {
+                    let code = call().await.err().map_or(Code::Ok, |status| status.code());
+                    *codes.entry(code).or_default() += 1;
+                }
+                codes
+            })
+        })
+        .collect();
+    tokio::spawn(async move {
+        let mut codes = HashMap::new();
+        for task in tasks {
+            for (code, count) in task.await.unwrap() {
+                *codes.entry(code).or_default() += count;
+            }
+        }
+        codes
+    })
 }

@@ -309,6 +309,129 @@ async fn a_platform_token_is_accepted_and_a_wrong_platform_secret_is_not() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn the_platform_key_rotates_with_a_second_accepted_key() {
+    use plumbing::config::Secret;
+    const NEXT_ID: &str = "platform-next";
+    const NEXT_SECRET: &str = "the-next-platform-secret-0123456789";
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    // Mid-rotation: the limiter still signs with the old key and accepts the new one; the
+    // router signs with the new key and accepts the old one.
+    let mut old_first = integration::common_args(&etcd, &prefix);
+    old_first.platform_accept_key_id = Some(NEXT_ID.into());
+    old_first.platform_accept_secret = Some(Secret::new(NEXT_SECRET));
+    let mut new_first = integration::common_args(&etcd, &prefix);
+    new_first.platform_key_id = NEXT_ID.into();
+    new_first.platform_secret = Some(Secret::new(NEXT_SECRET));
+    new_first.platform_accept_key_id = Some(PLATFORM_KEY_ID.into());
+    new_first.platform_accept_secret = Some(Secret::new(PLATFORM_SECRET));
+    let presence = support::presence(&etcd, &prefix).await;
+    let limiter = support::limiter_with(limiter_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        default_limit: 10,
+        common: old_first,
+    })
+    .await;
+    let mut args = support::router_args(
+        &etcd,
+        &prefix,
+        presence.addr.to_string(),
+        Some(limiter.addr.to_string()),
+        false,
+    );
+    args.common = new_first;
+    args.guard.guard_fail_closed = true;
+    let router = support::router_serving(args, router_svc::RouterArgs::default()).await;
+
+    // Platform tokens of both keys are accepted by both sides of the rotation.
+    let old = Tokens::platform("*", &[Scope::Admin]);
+    let new = Tokens::signed(NEXT_ID, NEXT_SECRET, "*", None, &[Scope::Admin], 60);
+    let mut routes = proto::router::v1::router_service_client::RouterServiceClient::new(
+        support::channel(&router),
+    );
+    let mut limits = proto::limiter::v1::limiter_service_client::LimiterServiceClient::new(
+        support::channel(&limiter),
+    );
+    for token in [&old, &new] {
+        let request = proto::router::v1::ListApplicationsRequest {
+            account_id: "AC1".into(),
+            ..Default::default()
+        };
+        routes
+            .list_applications(Tokens::request(token, request))
+            .await
+            .unwrap();
+        let request = proto::limiter::v1::ListLimitsRequest {
+            account_id: "AC1".into(),
+            ..Default::default()
+        };
+        limits
+            .list_limits(Tokens::request(token, request))
+            .await
+            .unwrap();
+    }
+    // Service to service: an account's call to the router passes its API guard, which the
+    // router asks of the limiter with a platform token of the new key (fail-closed, so a
+    // refused guard call would fail the request).
+    let mut keys = KeyServiceClient::new(support::channel(&presence));
+    let (key_id, secret) = create_key(&mut keys, "AC1").await;
+    let account = Tokens::signed(&key_id, &secret, "AC1", None, &[Scope::Admin], 60);
+    let status = poll_until(
+        "the account key on the router",
+        Duration::from_secs(5),
+        || {
+            let (mut routes, account) = (routes.clone(), account.clone());
+            async move {
+                let request = proto::router::v1::GetCommunicationRequest {
+                    account_id: "AC1".into(),
+                    communication_id: "CM-none".into(),
+                };
+                let status = routes
+                    .get_communication(Tokens::request(&account, request))
+                    .await
+                    .unwrap_err();
+                (status.code() != Code::Unauthenticated).then_some(status)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        status.code(),
+        Code::NotFound,
+        "the guarded call reached the handler: {status:?}"
+    );
+    // After the rotation, a replica that accepts only the new key refuses the old one.
+    let mut after = integration::common_args(&etcd, &prefix);
+    after.platform_key_id = NEXT_ID.into();
+    after.platform_secret = Some(Secret::new(NEXT_SECRET));
+    let rotated = support::limiter_with(limiter_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        default_limit: 10,
+        common: after,
+    })
+    .await;
+    let mut limits = proto::limiter::v1::limiter_service_client::LimiterServiceClient::new(
+        support::channel(&rotated),
+    );
+    let request = || proto::limiter::v1::ListLimitsRequest {
+        account_id: "AC1".into(),
+        ..Default::default()
+    };
+    limits
+        .list_limits(Tokens::request(&new, request()))
+        .await
+        .unwrap();
+    let refused = limits
+        .list_limits(Tokens::request(&old, request()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    for server in [router, rotated, limiter, presence] {
+        server.shutdown().await.unwrap();
+    }
+}
+
 /// Signs arbitrary claims (for expiry and lifetime cases the minter refuses to produce).
 fn sign_claims(key_id: &str, secret: &str, claims: serde_json::Value) -> String {
     use base64::Engine as _;

@@ -27,6 +27,7 @@ mod presence_watch;
 mod router_api;
 mod router_crash;
 mod router_dial;
+mod router_https;
 mod router_support;
 mod router_throughput;
 mod router_webhooks;

@@ -1,9 +1,10 @@
 //! TLS on every server and every call between them: who is let in (CA trust, mutual TLS),
 //! service-to-service calls over mutual TLS, certificate reload (SIGHUP and file change)
-//! without dropping live sessions, and refusing to start on a bad certificate.
+//! without dropping live sessions, refusing to start on a bad certificate, and the cap on
+//! handshakes in progress.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration::certs::{CertFiles, TestCa};
 use integration::{
@@ -13,7 +14,7 @@ use integration::{
 use plumbing::auth::Scope;
 use plumbing::client::{ClientTls, channel_with};
 use plumbing::server::ServeError;
-use plumbing::tls::TlsArgs;
+use plumbing::tls::{HANDSHAKE_TIMEOUT, TlsArgs};
 use proto::limiter::v1 as lpb;
 use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
 use proto::presence::v1 as ppb;
@@ -40,6 +41,7 @@ fn server_tls(files: &CertFiles, ca: &TestCa, client_ca: Option<&TestCa>) -> Tls
         tls_key: Some(files.key.clone()),
         tls_client_ca: client_ca.map(|ca| ca.ca_pem().to_owned()),
         tls_ca: Some(ca.ca_pem().to_owned()),
+        ..TlsArgs::default()
     }
 }
 
@@ -422,4 +424,43 @@ async fn a_bad_certificate_file_stops_the_start_naming_the_flag() {
             "the key leaked: {stderr}"
         );
     }
+}
+
+#[tokio::test]
+async fn silent_connections_take_at_most_the_handshake_cap_and_a_client_gets_the_next_slot() {
+    let etcd = Etcd::start().await;
+    let ca = TestCa::new("switchboard");
+    let tls = trusting(&ca, None);
+    let files = ca.issue("presence");
+    let args = TlsArgs {
+        tls_max_handshakes: 2,
+        ..server_tls(&files, &ca, None)
+    };
+    let server = presence(&etcd, &unique_prefix(), args, &tls).await;
+    // Two connections that never send a ClientHello take both handshake slots.
+    let opened = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // A real client waits (in the listen backlog) while they hold them...
+    let addr = server.addr;
+    let mut waiting = tokio::spawn(async move { health(addr, &trusting(&ca, None)).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "a third handshake ran while two silent connections held a cap of two"
+    );
+    // ...and is served as soon as one of them goes away, long before a silent connection
+    // would have timed out and freed its slot.
+    drop(silent.pop());
+    assert_eq!(waiting.await.unwrap(), Ok(ServingStatus::Serving));
+    assert!(
+        opened.elapsed() < HANDSHAKE_TIMEOUT,
+        "served only after {:?}",
+        opened.elapsed()
+    );
+    drop(silent);
+    server.shutdown().await.unwrap();
 }

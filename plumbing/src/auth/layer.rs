@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::{Either, Ready, ready};
+use futures::future::{BoxFuture, Either};
+use http_body::Body;
 use tower::{Layer, Service};
 
 use super::{Verifier, unix_now};
@@ -12,7 +13,9 @@ use super::{Verifier, unix_now};
 pub const PUBLIC_PATH_PREFIXES: &[&str] = &["/grpc.health.v1.", "/grpc.reflection."];
 
 /// Verifies `authorization: Bearer <JWT>` and leaves a [`super::Caller`] in the request
-/// extensions; answers UNAUTHENTICATED itself when the token does not verify.
+/// extensions; answers UNAUTHENTICATED (PERMISSION_DENIED, INVALID_ARGUMENT) itself when
+/// the token does not verify, once the rest of the request has been read
+/// ([`crate::refusal`]): a flood of bad tokens must not cost its connection.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     verifier: Arc<Verifier>,
@@ -48,10 +51,12 @@ pub struct AuthService<S> {
 impl<S, B> Service<http::Request<B>> for AuthService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Error: 'static,
+    B: Body + Unpin + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<S::Response, S::Error>>>;
+    type Future = Either<S::Future, BoxFuture<'static, Result<S::Response, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -73,7 +78,10 @@ where
             }
             Err(err) => {
                 tracing::debug!(%path, error = %err, "request refused by authentication");
-                Either::Right(ready(Ok(crate::status::from_auth(err).into_http())))
+                let status = crate::status::from_auth(err);
+                Either::Right(Box::pin(async move {
+                    Ok(crate::refusal::refuse(request.into_body(), status).await)
+                }))
             }
         }
     }

@@ -244,6 +244,8 @@ impl Caller {
 #[derive(Debug, Clone)]
 pub struct Verifier {
     platform: Option<(String, Arc<[u8]>)>,
+    /// A second platform key accepted during a rotation (never used to sign).
+    accepted: Option<(String, Arc<[u8]>)>,
     keys: AccountKeys,
 }
 
@@ -261,6 +263,7 @@ impl Verifier {
     pub fn new(platform: Option<(String, Vec<u8>)>, keys: Option<KeyStore>) -> Self {
         Self {
             platform: platform.map(|(id, secret)| (id, Arc::from(secret))),
+            accepted: None,
             keys: keys.map_or_else(
                 || AccountKeys::Fixed(Arc::default()),
                 |store| AccountKeys::Mirrored(Box::new(store)),
@@ -281,6 +284,13 @@ impl Verifier {
         }
     }
 
+    /// Also accepts platform tokens of `key` (key id, secret), as during a platform key
+    /// rotation.
+    pub fn accepting(mut self, key: Option<(String, Vec<u8>)>) -> Self {
+        self.accepted = key.map(|(id, secret)| (id, Arc::from(secret)));
+        self
+    }
+
     fn account_key(&self, key_id: &str) -> Option<StoredKey> {
         match &self.keys {
             AccountKeys::Mirrored(store) => store.lookup(key_id),
@@ -299,9 +309,11 @@ impl Verifier {
             .ok_or(AuthError::NotBearer)?;
         let unverified = jwt::parse(token)?;
         let kid = unverified.key_id.clone();
-        if let Some((platform_id, secret)) = &self.platform
-            && *platform_id == kid
-        {
+        let platform = [&self.platform, &self.accepted]
+            .into_iter()
+            .flatten()
+            .find(|(platform_id, _)| *platform_id == kid);
+        if let Some((_, secret)) = platform {
             let claims = unverified.verify(secret, now)?;
             return Ok(caller(claims, true, kid));
         }

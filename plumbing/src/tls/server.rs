@@ -32,12 +32,15 @@ pub(super) struct Contents {
 pub struct ServerTls {
     pub(super) files: Arc<ServerFiles>,
     current: Arc<RwLock<Arc<ServerConfig>>>,
+    /// `--tls-max-handshakes`.
+    pub(super) max_handshakes: usize,
 }
 
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
             .field("files", &self.files)
+            .field("max_handshakes", &self.max_handshakes)
             .finish_non_exhaustive()
     }
 }
@@ -67,6 +70,7 @@ impl ServerTls {
         Ok(Some(Self {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(config)),
+            max_handshakes: args.tls_max_handshakes.max(1) as usize,
         }))
     }
 
