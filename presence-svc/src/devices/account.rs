@@ -9,7 +9,7 @@
 //! within the cache's lag (milliseconds) may overshoot it by the number of racing
 //! replicas — an abuse cap, not an accounting one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::DeviceStore;
@@ -20,7 +20,7 @@ use crate::record::DeviceKey;
 /// New devices being admitted on this replica, by account, until the cache shows them.
 #[derive(Debug, Default)]
 pub(super) struct AccountPlaces {
-    pending: Mutex<HashMap<String, Vec<DeviceKey>>>,
+    pending: Mutex<HashMap<String, HashSet<DeviceKey>>>,
 }
 
 /// A place held for a new device of an account; given back when dropped.
@@ -31,7 +31,7 @@ pub(super) struct AccountPlace {
 }
 
 impl AccountPlaces {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<DeviceKey>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, HashSet<DeviceKey>>> {
         // Every statement leaves the map consistent: a panic elsewhere cannot corrupt it.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -41,9 +41,7 @@ impl Drop for AccountPlace {
     fn drop(&mut self) {
         let mut pending = self.places.lock();
         if let Some(keys) = pending.get_mut(&self.key.account) {
-            if let Some(at) = keys.iter().position(|k| *k == self.key) {
-                keys.swap_remove(at);
-            }
+            keys.remove(&self.key);
             if keys.is_empty() {
                 pending.remove(&self.key.account);
             }
@@ -55,7 +53,7 @@ impl Drop for AccountPlace {
 /// cache's `view` nor this replica's admissions in flight (which the cache may not show yet)
 /// have it.
 fn adds_device(
-    pending: &HashMap<String, Vec<DeviceKey>>,
+    pending: &HashMap<String, HashSet<DeviceKey>>,
     view: &IdentityView,
     key: &DeviceKey,
     evicts: bool,
@@ -99,7 +97,7 @@ impl DeviceStore {
         pending
             .entry(key.account.clone())
             .or_default()
-            .push(key.clone());
+            .insert(key.clone());
         Ok(Some(AccountPlace {
             places: self.inner.places.clone(),
             key: key.clone(),
@@ -122,15 +120,24 @@ impl DeviceStore {
 
     fn account_room(
         &self,
-        pending: &HashMap<String, Vec<DeviceKey>>,
+        pending: &HashMap<String, HashSet<DeviceKey>>,
         key: &DeviceKey,
     ) -> Result<(), Error> {
         let limit = self.inner.limit.max_per_account;
         let cache: &PresenceCache = self.cache();
-        let admitting = pending.get(&key.account).map_or(0, |keys| {
+        let present = cache.account_device_count(&key.account);
+        let pending = pending.get(&key.account);
+        // Every pending admission counted is an upper bound; only near the cap is it worth
+        // asking the cache which of them it already shows (a scan per admission would make
+        // a reconnect storm of a big account quadratic).
+        let at_most = pending.map_or(0, HashSet::len);
+        if present + at_most < limit {
+            return Ok(());
+        }
+        let admitting = pending.map_or(0, |keys| {
             keys.iter().filter(|k| cache.device(k).is_none()).count()
         });
-        if cache.account_device_count(&key.account) + admitting >= limit {
+        if present + admitting >= limit {
             return Err(Error::AccountDeviceLimit {
                 account: key.account.clone(),
                 limit,
