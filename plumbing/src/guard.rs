@@ -181,9 +181,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The clone is the one that is ready; keep it and leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::take_ready(&mut self.inner);
         let path = request.uri().path().to_owned();
         let caller = request.extensions().get::<Caller>().cloned();
         let guard = self.guard.clone();

@@ -33,3 +33,10 @@ pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;
+
+/// In a tower `call`: takes the inner service that `poll_ready` made ready and leaves a
+/// fresh clone in its place (the clone is not ready, the taken one is).
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}

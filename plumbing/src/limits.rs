@@ -210,9 +210,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The clone is the one that is ready; keep it and leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::take_ready(&mut self.inner);
         let deadline = self
             .limits
             .deadline(request.uri().path(), request.headers());

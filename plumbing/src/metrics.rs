@@ -259,8 +259,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::take_ready(&mut self.inner);
         let method = request.uri().path().to_owned();
         let metrics = self.metrics.clone();
         let started = Instant::now();

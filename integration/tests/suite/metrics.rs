@@ -4,9 +4,8 @@ use integration::{Etcd, Tokens, common_args, free_port, unique_prefix};
 use plumbing::auth::Scope;
 use proto::limiter::v1 as pb;
 use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support;
+use crate::support::{self, scrape};
 
 /// The value of the unlabelled sample `name` in `text` (0 when absent).
 fn counted(text: &str, name: &str) -> u64 {
@@ -14,17 +13,6 @@ fn counted(text: &str, name: &str) -> u64 {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(0)
-}
-
-async fn scrape(address: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 
 use crate::presence_support::Session;
 use crate::router_support::{Device, WebhookServer};
+use crate::support::scrape;
 
 /// Everything the OTLP receiver got, as text.
 #[derive(Clone, Default)]
@@ -52,18 +53,6 @@ impl TraceService for Collector {
 
 fn channel(process: &ServiceProcess) -> Channel {
     Channel::from_shared(process.url()).unwrap().connect_lazy()
-}
-
-async fn scrape(address: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
 }
 
 /// What must never be shown, with a name for the failure message.
