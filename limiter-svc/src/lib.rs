@@ -121,12 +121,19 @@ pub struct LimiterArgs {
     /// callers exempt); beyond it calls are refused with RESOURCE_EXHAUSTED and a retry hint.
     #[arg(long, env = "SWITCHBOARD_MAX_INFLIGHT_PER_ACCOUNT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inflight_per_account: u32,
+
+    /// `host:port` the other limiter replicas use to forward calls for the shards this one
+    /// owns (registered in etcd). Default: the listen address, which must then be one the
+    /// others can reach (not 0.0.0.0).
+    #[arg(long, env = "SWITCHBOARD_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
 }
 
 impl Default for LimiterArgs {
     fn default() -> Self {
         Self {
             max_inflight_per_account: 1000,
+            advertise_address: None,
         }
     }
 }
@@ -163,6 +170,16 @@ pub async fn run_with(
             limiter.max_inflight_per_account as usize,
         )))
         .with_long_calls(&WAITING_CALLS.map(|path| (path, wait)));
+    let advertise = limiter
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| address.to_string());
+    if advertise
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
+    {
+        tracing::warn!(%advertise, "advertising an unspecified address: peers cannot forward here; set --advertise-address");
+    }
     let limits = limits::LimitTable::start(&replica.session, args.default_limit);
     if !limits.ready(plumbing::etcd::CALL_DEADLINE).await {
         return Err(EtcdError::Unavailable("could not load limits".into()).into());
@@ -170,14 +187,14 @@ pub async fn run_with(
     let membership = routing::Membership::join(
         &replica.session,
         &replica.replica_id,
-        &address.to_string(),
+        &advertise,
         replica.lease.id(),
     )
     .await?;
     let engine = engine::start(engine::EngineConfig {
         session: replica.session.clone(),
         replica_id: replica.replica_id.clone(),
-        address: address.to_string(),
+        address: advertise.clone(),
         replica_lease: replica.lease.id(),
         lease_lost: replica.lease.lost(),
         limits: limits.clone(),

@@ -49,6 +49,7 @@ pub async fn limiter(
     };
     let limiter = limiter_svc::LimiterArgs {
         max_inflight_per_account,
+        ..Default::default()
     };
     serve_in_process(move |listener, stop| {
         limiter_svc::run_with(args, limiter, listener, async move {

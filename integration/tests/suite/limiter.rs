@@ -875,3 +875,68 @@ async fn no_over_admission_through_an_etcd_leader_kill() {
         r.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_replica_registers_its_advertise_address_and_peers_forward_there() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    // B first: it claims the shards (a replica joining later takes only orphaned ones), so
+    // A has to forward to B's advertised address.
+    let args = limiter_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        default_limit: 10,
+        common: integration::common_args(&etcd, &prefix),
+    };
+    let b = integration::serve_in_process(move |listener, stop| {
+        // A name rather than the listen address: peers must use what is advertised.
+        let port = listener.local_addr().map_or(0, |a| a.port());
+        let limiter = limiter_svc::LimiterArgs {
+            advertise_address: Some(format!("localhost:{port}")),
+            ..Default::default()
+        };
+        limiter_svc::run_with(args, limiter, listener, async move {
+            let _ = stop.await;
+        })
+    })
+    .await;
+    let a = support::limiter(&etcd, &prefix, 10).await;
+    let advertised = format!("localhost:{}", b.addr.port());
+    let etcd_client = etcd.client().await;
+    let registered = |key: &'static str| {
+        let (mut etcd_client, prefix, advertised) =
+            (etcd_client.clone(), prefix.clone(), advertised.clone());
+        async move {
+            let options = etcd_client::GetOptions::new().with_prefix();
+            let found = etcd_client
+                .get(format!("{prefix}/limiter/{key}"), Some(options))
+                .await
+                .ok()?;
+            let values = found.kvs().iter().filter_map(|kv| kv.value_str().ok());
+            values
+                .into_iter()
+                .any(|value| value.contains(&advertised))
+                .then_some(())
+        }
+    };
+    poll_until("B's member record", Duration::from_secs(5), || {
+        registered("members/")
+    })
+    .await;
+    poll_until(
+        "a shard owned by B under its advertised address",
+        Duration::from_secs(15),
+        || registered("shards/"),
+    )
+    .await;
+    // Every key through A, including those of B's shards (forwarded to `localhost:port`).
+    let mut via_a = client(a.addr);
+    for n in 0..64 {
+        let resource = format!("advertised-{n}");
+        ready(&via_a, "AC1", &resource).await;
+        let answer = acquire(&mut via_a, "AC1", &resource, 30).await;
+        assert!(granted(&answer), "{resource}: {answer:?}");
+        assert!(release(&mut via_a, &answer.slot_id).await);
+    }
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
