@@ -49,7 +49,7 @@ pub struct CommonArgs {
     pub etcd_password_file: Option<std::path::PathBuf>,
 
     /// The password of `--etcd-user` from SWITCHBOARD_ETCD_PASSWORD (never a flag).
-    #[arg(skip = crate::etcd::EtcdPassword::from_env())]
+    #[arg(skip = crate::etcd::options::password_from_env())]
     pub etcd_password: Option<crate::etcd::EtcdPassword>,
 
     /// Key id (JWT `kid`) of the platform key, which may sign tokens for any account.

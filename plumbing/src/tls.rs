@@ -62,6 +62,11 @@ pub struct TlsArgs {
     /// accepted, until one ends; a warning says so at most once a minute.
     #[arg(long, env = "SWITCHBOARD_TLS_MAX_HANDSHAKES", default_value_t = DEFAULT_MAX_HANDSHAKES, value_parser = clap::value_parser!(u32).range(1..))]
     pub tls_max_handshakes: u32,
+
+    /// How often the certificate files are checked for changes (`0s`: never; they are then
+    /// reloaded on SIGHUP only).
+    #[arg(long, env = "SWITCHBOARD_TLS_RELOAD_INTERVAL", value_parser = crate::config::parse_duration, default_value = "1s")]
+    pub tls_reload_interval: std::time::Duration,
 }
 
 impl Default for TlsArgs {
@@ -72,6 +77,7 @@ impl Default for TlsArgs {
             tls_client_ca: None,
             tls_ca: None,
             tls_max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            tls_reload_interval: RELOAD_POLL,
         }
     }
 }

@@ -75,6 +75,19 @@ async fn acquire(
         .into_inner()
 }
 
+/// The usage of AC1's `calls` as the platform sees it.
+async fn calls_usage(client: &mut Client) -> Result<pb::Usage, tonic::Status> {
+    let request = pb::GetUsageRequest {
+        account_id: "AC1".into(),
+        resource: "calls".into(),
+    };
+    let usage = client.get_usage(Tokens::request(&admin(), request)).await?;
+    usage
+        .into_inner()
+        .usage
+        .ok_or_else(|| tonic::Status::internal("GetUsage answered without usage"))
+}
+
 fn granted(response: &pb::AcquireResponse) -> bool {
     response.decision == pb::Decision::Granted as i32
 }
@@ -155,19 +168,7 @@ async fn rejects_when_limit_reached_across_replicas() {
         "a second release frees nothing"
     );
     assert!(granted(&acquire(&mut clients[1], "AC1", "calls", 30).await));
-    let usage = clients[0]
-        .get_usage(Tokens::request(
-            &admin(),
-            pb::GetUsageRequest {
-                account_id: "AC1".into(),
-                resource: "calls".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .usage
-        .unwrap();
+    let usage = calls_usage(&mut clients[0]).await.unwrap();
     assert_eq!((usage.in_flight, usage.limit), (3, 3));
     assert!(usage.rejected_total >= 3);
     let listed = clients[1]
@@ -266,17 +267,8 @@ async fn queued_callers_are_granted_in_fifo_order_and_time_out_at_their_deadline
         poll_until("caller to be queued", Duration::from_secs(5), || {
             let mut c = c.clone();
             async move {
-                let usage = c
-                    .get_usage(Tokens::request(
-                        &admin(),
-                        pb::GetUsageRequest {
-                            account_id: "AC1".into(),
-                            resource: "calls".into(),
-                        },
-                    ))
-                    .await
-                    .ok()?;
-                (usage.into_inner().usage?.queued == i as u32 + 1).then_some(())
+                let usage = calls_usage(&mut c).await.ok()?;
+                (usage.queued == i as u32 + 1).then_some(())
             }
         })
         .await;
@@ -462,17 +454,7 @@ async fn shadow_mode_grants_over_the_limit_and_counts_would_be_rejections() {
     let second = acquire(&mut c, "AC1", "calls", 30).await;
     assert!(granted(&first) && !first.shadow);
     assert!(granted(&second) && second.shadow);
-    let usage = c
-        .get_usage(Tokens::request(
-            &admin(),
-            pb::GetUsageRequest {
-                account_id: "AC1".into(),
-                resource: "calls".into(),
-            },
-        ))
-        .await
-        .unwrap();
-    let usage = usage.into_inner().usage.unwrap();
+    let usage = calls_usage(&mut c).await.unwrap();
     assert_eq!(
         (usage.in_flight, usage.shadow_rejected_total, usage.shadow),
         (2, 1, true)
@@ -577,17 +559,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing() {
         .await
         .unwrap();
     assert!(limits.into_inner().limits.is_empty());
-    let usage = c
-        .get_usage(Tokens::request(
-            &admin(),
-            pb::GetUsageRequest {
-                account_id: "AC1".into(),
-                resource: "calls".into(),
-            },
-        ))
-        .await
-        .unwrap();
-    assert_eq!(usage.into_inner().usage.unwrap().in_flight, 0);
+    assert_eq!(calls_usage(&mut c).await.unwrap().in_flight, 0);
     server.shutdown().await.unwrap();
 }
 

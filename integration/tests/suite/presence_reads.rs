@@ -6,7 +6,9 @@ use integration::{Etcd, Tokens, unique_prefix};
 use plumbing::auth::Scope;
 use proto::presence::v1 as pb;
 
-use crate::presence_support::{Session, Tenant, client, presence_of, register, wait_for_devices};
+use crate::presence_support::{
+    Session, Tenant, TwoReplicas, client, presence_of, register, two_replicas, wait_for_devices,
+};
 use crate::support;
 
 fn registration(identity: &str, device_id: &str, status: pb::Status) -> pb::RegisterRequest {
@@ -128,12 +130,12 @@ async fn list_pages_through_present_identities_with_a_status_filter() {
 
 #[tokio::test]
 async fn reads_with_min_revision_see_a_write_made_through_another_replica() {
-    let etcd = Etcd::start().await;
-    let prefix = unique_prefix();
-    let a = support::presence(&etcd, &prefix).await;
-    let b = support::presence(&etcd, &prefix).await;
-    let tenant = Tenant::create(&a, "AC1").await;
-    tenant.known_to(&b).await;
+    let TwoReplicas {
+        etcd: _etcd,
+        a,
+        b,
+        tenant,
+    } = two_replicas().await;
     let alice = tenant.device("alice");
     let (via_a, via_b) = (client(&a), client(&b));
     for round in 0..20 {

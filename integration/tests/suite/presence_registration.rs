@@ -10,7 +10,8 @@ use proto::presence::v1 as pb;
 use tonic::Code;
 
 use crate::presence_support::{
-    Session, Tenant, client, presence_of, presence_with, register, wait_for_devices,
+    Session, Tenant, TwoReplicas, client, presence_of, presence_with, register, two_replicas,
+    wait_for_devices,
 };
 use crate::support;
 
@@ -73,12 +74,7 @@ async fn a_registration_is_present_at_its_revision_and_lapses_without_heartbeats
 
 #[tokio::test]
 async fn heartbeats_through_another_replica_keep_a_registration_present_without_etcd_writes() {
-    let etcd = Etcd::start().await;
-    let prefix = unique_prefix();
-    let a = support::presence(&etcd, &prefix).await;
-    let b = support::presence(&etcd, &prefix).await;
-    let tenant = Tenant::create(&a, "AC1").await;
-    tenant.known_to(&b).await;
+    let TwoReplicas { etcd, a, b, tenant } = two_replicas().await;
     let alice = tenant.device("alice");
     let registered = register(&client(&a), &alice, registration("phone", 5))
         .await

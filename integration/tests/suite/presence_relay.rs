@@ -11,7 +11,9 @@ use proto::presence::v1::offer_request::Kind as Ask;
 use proto::presence::v1::offer_response::Kind as Event;
 use tonic::Code;
 
-use crate::presence_support::{Leg, Session, Tenant, client, presence_of, register, start};
+use crate::presence_support::{
+    Leg, Session, Tenant, TwoReplicas, client, presence_of, register, start, two_replicas,
+};
 use crate::support;
 
 fn answer(offer_id: &str, accept: bool, reason: pb::RejectReason) -> Send {
@@ -171,12 +173,12 @@ async fn cancels_and_ends_from_the_router_reach_the_device_with_their_reason() {
 
 #[tokio::test]
 async fn offers_to_devices_without_a_session_fail_fast_with_distinct_errors() {
-    let etcd = Etcd::start().await;
-    let prefix = unique_prefix();
-    let a = support::presence(&etcd, &prefix).await;
-    let b = support::presence(&etcd, &prefix).await;
-    let tenant = Tenant::create(&a, "AC1").await;
-    tenant.known_to(&b).await;
+    let TwoReplicas {
+        etcd: _etcd,
+        a,
+        b,
+        tenant,
+    } = two_replicas().await;
     let alice = tenant.device("alice");
     let (via_a, via_b) = (support::channel(&a), support::channel(&b));
 

@@ -9,7 +9,9 @@ use proto::presence::v1::connect_request::Kind as Send;
 use proto::presence::v1::connect_response::Kind as Recv;
 use tonic::Code;
 
-use crate::presence_support::{Session, Tenant, client, presence_of, wait_for_devices};
+use crate::presence_support::{
+    Session, Tenant, TwoReplicas, client, presence_of, two_replicas, wait_for_devices,
+};
 use crate::support;
 
 #[tokio::test]
@@ -69,12 +71,12 @@ async fn status_updates_over_the_stream_are_confirmed_and_visible_to_readers() {
 
 #[tokio::test]
 async fn a_second_connect_of_a_device_replaces_the_first_on_any_replica() {
-    let etcd = Etcd::start().await;
-    let prefix = unique_prefix();
-    let a = support::presence(&etcd, &prefix).await;
-    let b = support::presence(&etcd, &prefix).await;
-    let tenant = Tenant::create(&a, "AC1").await;
-    tenant.known_to(&b).await;
+    let TwoReplicas {
+        etcd: _etcd,
+        a,
+        b,
+        tenant,
+    } = two_replicas().await;
     let alice = tenant.device("alice");
 
     let mut first = Session::hello(support::channel(&a), &alice, "phone").await;

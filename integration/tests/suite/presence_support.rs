@@ -46,6 +46,26 @@ pub fn client<E>(server: &InProcess<E>) -> PresenceServiceClient<Channel> {
     PresenceServiceClient::new(support::channel(server))
 }
 
+/// Two presence replicas on one etcd, and account `AC1` whose key both already accept.
+pub struct TwoReplicas {
+    /// The etcd both use (it stops when this is dropped).
+    pub etcd: Etcd,
+    pub a: InProcess<ServeError>,
+    pub b: InProcess<ServeError>,
+    pub tenant: Tenant,
+}
+
+/// Starts [`TwoReplicas`].
+pub async fn two_replicas() -> TwoReplicas {
+    let etcd = Etcd::start().await;
+    let prefix = integration::unique_prefix();
+    let a = support::presence(&etcd, &prefix).await;
+    let b = support::presence(&etcd, &prefix).await;
+    let tenant = Tenant::create(&a, "AC1").await;
+    tenant.known_to(&b).await;
+    TwoReplicas { etcd, a, b, tenant }
+}
+
 /// An account with a signing key, for account tokens.
 #[derive(Debug, Clone)]
 pub struct Tenant {

@@ -11,7 +11,9 @@ use proto::presence::v1::watch_presence_response::Event;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-use crate::presence_support::{STEP, Session, Tenant, client, register, wait_for_devices};
+use crate::presence_support::{
+    STEP, Session, Tenant, TwoReplicas, client, register, two_replicas, wait_for_devices,
+};
 use crate::support;
 
 async fn watch(
@@ -65,12 +67,12 @@ fn update(device_id: &str, status: pb::Status) -> pb::UpdateStatusRequest {
 
 #[tokio::test]
 async fn a_watch_resumed_from_a_revision_after_a_disconnect_misses_no_event() {
-    let etcd = Etcd::start().await;
-    let prefix = unique_prefix();
-    let a = support::presence(&etcd, &prefix).await;
-    let b = support::presence(&etcd, &prefix).await;
-    let tenant = Tenant::create(&a, "AC1").await;
-    tenant.known_to(&b).await;
+    let TwoReplicas {
+        etcd: _etcd,
+        a,
+        b,
+        tenant,
+    } = two_replicas().await;
     let alice = tenant.device("alice");
     let reader = tenant.token(None, &[Scope::PresenceRead]);
     let (writer, watcher) = (client(&a), client(&b));

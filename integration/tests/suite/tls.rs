@@ -280,7 +280,15 @@ async fn sighup_reloads_the_certificate_and_keeps_live_sessions() {
     let (old_trust, new_trust) = (trusting(&old_ca, None), trusting(&new_ca, None));
     let cert = files.cert.display().to_string();
     let key = files.key.display().to_string();
-    let args = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    // No polling of the files: only the signal can make the server see the new ones.
+    let args = [
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--tls-reload-interval",
+        "0s",
+    ];
     let server = ServiceProcess::start_tls("presence-svc", &etcd, &prefix, &args, &old_trust).await;
     let token = device_token("alice");
     let old_channel = channel(server.addr, &old_trust);
@@ -290,6 +298,10 @@ async fn sighup_reloads_the_certificate_and_keeps_live_sessions() {
     assert_refused(server.addr, &new_trust, "a client trusting only the new CA").await;
 
     new_ca.issue_to("presence", &files);
+    // Without the signal the old certificate is still served (no polling)...
+    health(server.addr, &old_trust)
+        .await
+        .expect("the old certificate is served until SIGHUP");
     server.hangup().await;
 
     poll_until("the new certificate to be served", STEP, || async {

@@ -34,48 +34,34 @@ impl EtcdConfigError {
     }
 }
 
-/// An etcd password. It is only handed to etcd-client; `Debug` prints `<redacted>` and
-/// there is no `Display`, so it cannot end up in a log line or an error by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct EtcdPassword(String);
+/// An etcd password: a [`Secret`](crate::config::Secret), so its `Debug` prints
+/// `<redacted>` and it has no `Display`.
+pub type EtcdPassword = crate::config::Secret;
 
-impl EtcdPassword {
-    /// Wraps a password.
-    pub fn new(password: impl Into<String>) -> Self {
-        Self(password.into())
-    }
-
-    /// The password from [`PASSWORD_ENV`], if set and not empty.
-    pub fn from_env() -> Option<Self> {
-        std::env::var(PASSWORD_ENV)
-            .ok()
-            .filter(|password| !password.is_empty())
-            .map(Self)
-    }
-
-    /// Reads a password file, ignoring a trailing newline (what `echo` and editors leave).
-    pub fn from_file(path: &Path) -> Result<Self, EtcdConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| {
-            EtcdConfigError::new(
-                "--etcd-password-file",
-                format!("cannot read {}: {err}", path.display()),
-            )
-        })?;
-        let password = text.trim_end_matches(['\n', '\r']);
-        if password.is_empty() {
-            return Err(EtcdConfigError::new(
-                "--etcd-password-file",
-                format!("{} is empty", path.display()),
-            ));
-        }
-        Ok(Self(password.to_owned()))
-    }
+/// The password from [`PASSWORD_ENV`], if set and not empty.
+pub fn password_from_env() -> Option<EtcdPassword> {
+    std::env::var(PASSWORD_ENV)
+        .ok()
+        .filter(|password| !password.is_empty())
+        .map(EtcdPassword::new)
 }
 
-impl std::fmt::Debug for EtcdPassword {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EtcdPassword(<redacted>)")
+/// Reads a password file, ignoring a trailing newline (what `echo` and editors leave).
+fn password_from_file(path: &Path) -> Result<EtcdPassword, EtcdConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        EtcdConfigError::new(
+            "--etcd-password-file",
+            format!("cannot read {}: {err}", path.display()),
+        )
+    })?;
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(EtcdConfigError::new(
+            "--etcd-password-file",
+            format!("{} is empty", path.display()),
+        ));
     }
+    Ok(EtcdPassword::new(password))
 }
 
 /// The etcd user a session logs in as.
@@ -203,7 +189,7 @@ impl EtcdOptions {
         }
         if let Some(credentials) = &self.credentials {
             options = options
-                .with_user(credentials.user.clone(), credentials.password.0.clone())
+                .with_user(credentials.user.clone(), credentials.password.to_string())
                 .with_auto_token_refresh(true);
         }
         options
@@ -219,7 +205,7 @@ fn credentials(args: &CommonArgs) -> Result<Option<EtcdCredentials>, EtcdConfigE
             ));
         }
         (Some(password), None) => Some(password.clone()),
-        (None, Some(path)) => Some(EtcdPassword::from_file(path)?),
+        (None, Some(path)) => Some(password_from_file(path)?),
         (None, None) => None,
     };
     match (

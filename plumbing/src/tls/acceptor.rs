@@ -16,7 +16,7 @@
 //! once per [`CAP_WARNING_EVERY`], with how often it was reached since.
 //!
 //! The same task reloads the config on SIGHUP and when the files' contents change (read
-//! every [`RELOAD_POLL`]). Connections already established keep the config they were
+//! every `--tls-reload-interval`, by default [`RELOAD_POLL`]). Connections already established keep the config they were
 //! handshaken with, so a reload never drops a live session. A new file that cannot be used
 //! keeps the old config; the warning names the flag and file, never the contents.
 //!
@@ -158,8 +158,11 @@ async fn accept_loop(
             None
         }
     };
-    let mut poll = tokio::time::interval(RELOAD_POLL);
-    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut poll = tls.reload_interval.map(|every| {
+        let mut poll = tokio::time::interval(every);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        poll
+    });
     let mut reloader = Reloader {
         seen: tls.files.read().ok(),
         failing: false,
@@ -174,7 +177,7 @@ async fn accept_loop(
         tokio::select! {
             () = ready.closed() => return,
             Some(()) = recv(&mut hangup) => reloader.run(&tls, Trigger::Signal),
-            _ = poll.tick() => reloader.run(&tls, Trigger::Poll),
+            Some(_) = tick(&mut poll) => reloader.run(&tls, Trigger::Poll),
             (slot, accepted) = next => match accepted {
                 Ok((stream, peer)) => handshake(&tls, stream, peer, ready.clone(), (slot, timeout)),
                 Err(err) => {
@@ -183,6 +186,14 @@ async fn accept_loop(
                 }
             },
         }
+    }
+}
+
+/// The next tick of `poll`; never when there is none.
+async fn tick(poll: &mut Option<tokio::time::Interval>) -> Option<tokio::time::Instant> {
+    match poll {
+        Some(poll) => Some(poll.tick().await),
+        None => std::future::pending().await,
     }
 }
 

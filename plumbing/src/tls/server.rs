@@ -34,6 +34,8 @@ pub struct ServerTls {
     current: Arc<RwLock<Arc<ServerConfig>>>,
     /// `--tls-max-handshakes`.
     pub(super) max_handshakes: usize,
+    /// `--tls-reload-interval`; `None`: on SIGHUP only.
+    pub(super) reload_interval: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -71,6 +73,7 @@ impl ServerTls {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(config)),
             max_handshakes: args.tls_max_handshakes.max(1) as usize,
+            reload_interval: Some(args.tls_reload_interval).filter(|d| !d.is_zero()),
         }))
     }
 
