@@ -635,11 +635,6 @@ pub async fn poll_for(server: &WebhookServer, name: &str, value: &str) -> Captur
     .await
 }
 
-/// Routes to an application written straight into etcd (bypassing PutApplication).
-pub async fn route_when_known(router: &Router, to: &str, id: &str) -> pb::Communication {
-    router.route(to, id).await.unwrap()
-}
-
 /// Repeats `call` until it fails with something other than UNAUTHENTICATED (a new account
 /// key reaches every replica through its key mirror); that status.
 pub async fn until_known<F, Fut>(mut call: F) -> tonic::Status
