@@ -27,6 +27,7 @@ mod baseline;
 mod limiter;
 mod load;
 mod presence;
+mod redis_baseline;
 mod report;
 mod router;
 mod stack;
@@ -84,7 +85,8 @@ pub struct Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "limiter",
-        about: "limiter-svc (3 replicas) against the naive etcd semaphore and the RPC ceiling",
+        about: "limiter-svc (3 and 1 replicas) against the RPC ceiling, the naive etcd \
+                semaphore and a Redis semaphore",
         run: run_limiter,
     },
     Scenario {

@@ -28,6 +28,19 @@ impl LimiterApi {
     }
 }
 
+/// Metadata on a reply that another replica produced: the caller's shard map is stale.
+pub const FORWARDED: &str = "x-switchboard-forwarded";
+
+fn respond<T>(answer: T, forwarded: bool) -> Response<T> {
+    let mut response = Response::new(answer);
+    if forwarded {
+        response
+            .metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    }
+    response
+}
+
 /// The caller, holding `scope`.
 fn caller<T>(request: &Request<T>, scope: Scope) -> Result<(Caller, Requester), Error> {
     let caller = Caller::of(request)?;
@@ -48,7 +61,8 @@ impl LimiterService for LimiterApi {
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let (caller, who) = caller(&request, Scope::LimiterAcquire)?;
         let spec = requests::acquire(&caller, request.get_ref())?;
-        Ok(Response::new(self.slots.acquire(spec, &who).await?))
+        let (answer, forwarded) = self.slots.acquire(spec, &who).await?;
+        Ok(respond(answer, forwarded))
     }
 
     #[tracing::instrument(skip_all)]
@@ -58,9 +72,8 @@ impl LimiterService for LimiterApi {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (_, who) = caller(&request, Scope::LimiterAcquire)?;
         let id = requests::release(request.get_ref())?;
-        Ok(Response::new(pb::ReleaseResponse {
-            released: self.slots.release(id, &who).await?,
-        }))
+        let (released, forwarded) = self.slots.release(id, &who).await?;
+        Ok(respond(pb::ReleaseResponse { released }, forwarded))
     }
 
     #[tracing::instrument(skip_all)]
@@ -70,7 +83,8 @@ impl LimiterService for LimiterApi {
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let (_, who) = caller(&request, Scope::LimiterAcquire)?;
         let (id, hold) = requests::renew(request.get_ref())?;
-        Ok(Response::new(self.slots.renew(id, hold, &who).await?))
+        let (answer, forwarded) = self.slots.renew(id, hold, &who).await?;
+        Ok(respond(answer, forwarded))
     }
 
     #[tracing::instrument(skip_all)]
@@ -192,5 +206,14 @@ impl LimiterService for LimiterApi {
         Ok(Response::new(pb::ListUsageResponse {
             usages: self.slots.list_usage(&account, &who).await?,
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_shard_map(
+        &self,
+        request: Request<pb::GetShardMapRequest>,
+    ) -> Result<Response<pb::GetShardMapResponse>, Status> {
+        caller(&request, Scope::LimiterAcquire)?;
+        Ok(Response::new(self.slots.shard_map()))
     }
 }

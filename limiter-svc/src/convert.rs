@@ -33,6 +33,15 @@ pub fn acquire_response(reply: AcquireReply) -> pb::AcquireResponse {
         retry_after_ms: reply.retry_after_ms,
         expire_time: reply.granted.then(|| timestamp(reply.expire_ms)),
         shadow: reply.shadow,
+        fencing_token: reply.fencing_token,
+    }
+}
+
+/// Engine renewal (new expiry, token) → RenewResponse.
+pub fn renew_response((expire_ms, token): (u64, u64)) -> pb::RenewResponse {
+    pb::RenewResponse {
+        expire_time: Some(timestamp(expire_ms)),
+        fencing_token: token,
     }
 }
 

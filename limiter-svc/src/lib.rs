@@ -12,8 +12,48 @@
 //! engine ([`engine`]) packs whatever accumulated while the previous txn was in flight into
 //! one txn of up to [`engine::MAX_TXN_OPS`] operations, with at most two txns in flight
 //! (a slot is never in two at once, and a shard is reloaded only when none of its txns is
-//! in flight). Thousands of slot operations a second cost hundreds of etcd requests. Other replicas forward to the owner
-//! (`LimiterPeerService`, [`routing`], [`relay`]).
+//! in flight). Thousands of slot operations a second cost hundreds of etcd requests, and
+//! escrow (below) takes most of them off etcd altogether. Other replicas forward to the
+//! owner (`LimiterPeerService`, [`routing`], [`relay`]); clients that know the shard map
+//! (GetShardMap, `plumbing::limiter`) call the owner directly.
+//!
+//! **Even ownership.** Every replica computes the same assignment of shards to the live
+//! members (`limiter/members/`) — bounded-load rendezvous hashing
+//! ([`engine::View::assignment`]): each replica gets `48 / n` shards or one more. There are
+//! 48 shards ([`model::SHARDS`]) because 48 divides evenly among 1, 2, 3, 4, 6, 8, 12 and 16
+//! replicas (16 shards over 3 replicas is 6/5/5: one replica a fifth busier than the others)
+//! while a shard is still big enough that per-shard overheads (one ownership key, one
+//! fence compare per txn) stay negligible. A replica claims unowned shards assigned to it at
+//! once, and any unowned shard after a grace of one second (so a shard
+//! whose assigned owner died is not left without a decision for longer).
+//!
+//! **Planned handoff.** When the assignment says a shard it owns belongs to another live
+//! replica (a replica joined) or it is leaving (SIGTERM: it first deletes its membership key
+//! so the others re-assign), the owner (1) stops deciding for the shard — calls get
+//! NotOwner and the routing layer retries them until the new owner serves (callers wait,
+//! they are not failed); (2) waits until none of the shard's writes is queued or in flight,
+//! so everything it answered is committed; (3) writes every escrow slot of the shard as an
+//! exact slot record, then deletes its escrow blocks and the ownership key, in fenced txns
+//! (slots first: every prefix of the sequence leaves etcd counting at least every held
+//! slot). The new owner sees the ownership key vanish, claims the shard (compare
+//! create-revision 0, so at a new, higher revision) and reads it back in the same txn. The
+//! gap is a few etcd round trips (milliseconds). On SIGTERM a replica hands every shard
+//! off (bounded by 5 s) before it drains; what is not handed off in time fails over when
+//! its lease expires.
+//!
+//! **Strict escrow** ([`engine`]'s `escrow` module). A per-slot etcd write caps the whole
+//! fleet at etcd's write rate, so for keys with large limits (`--escrow-min-limit`, default
+//! 100) the owner writes one *block* record per key: `count` slots, all held until `e`.
+//! Grants and releases within the block are decided in memory and answered at once — no
+//! etcd write, no fsync wait. The block is resized (about twice the slots held, plus 8),
+//! extended (it outlives the longest hold by 30 s) and deleted when idle, one write per key
+//! every ~20 s under steady load. Small limits, idempotent retries (`request_id`), queued
+//! callers and holds over 300 s stay exact.
+//!
+//! **Fencing tokens.** Every grant carries `fencing_token = revision << 24 | n`: the latest
+//! etcd revision the owner has seen for the shard (its claim, or its last commit) and a
+//! sequence number within it. It is stored in exact slot records, so Renew and an
+//! idempotent retry return the same token.
 //!
 //! **etcd key layout** (under `--etcd-prefix`, default `/switchboard`):
 //!
@@ -22,39 +62,77 @@
 //! | `limiter/limits/<account>/<resource>` | `{"max_in_flight","shadow"}` | none |
 //! | `limiter/members/<replica_id>` | the replica's gRPC address | replica lease |
 //! | `limiter/shards/<nn>` | `{"replica_id","address"}` of the owner | owner's replica lease |
-//! | `limiter/slots/<nn>/<slot_id>` | `{"a":account,"r":resource,"q":request_id,"e":expire_ms}` | bucket lease |
+//! | `limiter/slots/<nn>/<slot_id>` | `{"a":account,"r":resource,"q":request_id,"e":expire_ms,"f":token}` | bucket lease |
+//! | `limiter/slots/<nn>/<block_id>` | `{"a","r","n":count,"e":expire_ms}` (an escrow block) | bucket lease |
 //!
 //! **Leases.** Each replica has one lease (`--replica-ttl`, kept alive every TTL/3) carrying
-//! its membership and shard ownership. Slots are not kept alive: each sits on a *bucket
-//! lease* shared by every slot expiring in the same second, granted with a TTL that ends one
-//! second after that second (one lease grant per second at most, not one per request). A
-//! slot therefore disappears from etcd at most ~2 s after the expiry the caller was given;
-//! the owner frees it in memory at exactly that expiry.
+//! its membership and shard ownership. Slots and blocks are not kept alive: each sits on a
+//! *bucket lease* shared by every record expiring in the same second, granted with a TTL
+//! that ends one second after that second (one lease grant per second at most, not one per
+//! request). A record therefore disappears from etcd at most ~2 s after its expiry; the
+//! owner frees a slot in memory at exactly that expiry.
 //!
-//! **Why no interleaving can over-admit.** (1) Only the owner decides grants for a key, and
-//! it counts a grant from the moment it decides it, committed or not, so its decisions
-//! never exceed the limit. (2) A caller hears GRANTED only after the slot's record is
-//! committed, so every slot any caller holds is in etcd. (3) Every slot txn is fenced: it
-//! compares the create revision of the shard's ownership key with the owner's claim
-//! revision, so a replica that lost a shard (its lease expired and another replica claimed
-//! the shard) cannot commit anything more for it. (4) A new owner claims the shard and
-//! reads its slots in one txn, after every commit of the previous owner that can ever
-//! succeed; it starts from exactly the slots callers may hold. Releases are acknowledged
-//! before their delete commits: until it does, etcd holds one slot too many, which can
-//! only make a successor more conservative, never less. Lowering a limit below the number
-//! in flight grants nothing new until usage falls under it, because the rule is `held <
-//! limit` on every decision.
+//! # Why invariant 1 holds (no over-admission, ever)
+//!
+//! Call a slot *held* from the moment a caller is told GRANTED until it is released or
+//! expires. The argument rests on one durable statement, kept true at every instant for
+//! every key: **etcd counts at least every held slot** — each held slot is either an exact
+//! record in etcd, or one of at most `n` escrow slots of a block record `(n, e)` whose
+//! expiry `e` is no earlier than the slot's.
+//!
+//! - *Exact slots*: a caller hears GRANTED only after the slot's record is committed.
+//!   A release is answered before its delete commits: etcd holds one slot too many for a
+//!   moment, which can only make a successor more conservative.
+//! - *Escrow slots*: the owner answers a slot from a block only while the escrow slots of
+//!   the key (this one included) are at most the block's capacity and the slot's expiry is
+//!   within the block's; the capacity is the lesser of what etcd is known to hold and what
+//!   a block write in flight may leave there (if a write's outcome is unknown, etcd holds
+//!   one or the other). A block is only ever rewritten to a count at least the escrow slots
+//!   of the key and an expiry at least theirs, so no write makes the statement false. A slot
+//!   the block does not cover waits, counted, until a write that covers it commits.
+//!   Renewing past the block's expiry likewise waits for an extension.
+//!
+//! **One decider per key.** Only the owner decides grants for a key, on every decision
+//! under `held < limit` where `held` counts exact slots, escrow slots and *phantoms* (blocks
+//! inherited from a previous owner, counted as `n` held slots until their expiry) — committed
+//! or not, from the moment they are decided. Every txn is fenced on the create revision of
+//! the shard's ownership key, so a replica that lost the shard commits nothing more for it.
+//!
+//! - *Crash of an owner* (or its lease lost to a partition): its ownership key vanishes with
+//!   its lease; a successor claims the shard and reads its records in the same txn, after
+//!   every commit of the old owner that can ever succeed. By the durable statement it starts
+//!   from a count at least the slots held: exact records as slots, blocks as phantoms. A
+//!   zombie owner that has not noticed yet can go on granting from its blocks in memory, but
+//!   only within them — at most `n` slots until `e` — exactly what the successor counts as
+//!   held. It cannot grow a block or write an exact slot (fenced), so it cannot exceed that.
+//! - *Planned handoff*: the old owner decides nothing more for the shard before it writes
+//!   it out; it writes the escrow slots as exact records before deleting their blocks, so
+//!   the statement holds after every txn of the sequence; the new owner reads the shard in
+//!   its claim txn, after the last of them. It gets the exact slots, so no capacity is lost.
+//! - *Limit decrease*: admission compares against the limit in force on every decision, so
+//!   nothing is granted until usage (including phantoms) falls under the new limit; blocks
+//!   only bound what a successor counts — a block larger than a lowered limit makes a
+//!   successor more conservative, never less.
+//! - *etcd leader loss*: txns stall or fail; nothing is answered on an uncommitted write
+//!   (exact) or an uncommitted block (escrow). A failed or timed-out txn fails its waiters
+//!   (UNAVAILABLE; retry with the same `request_id`) and reloads the shard from etcd under
+//!   the same claim — escrow slots of that shard then become phantoms, counted until their
+//!   block expires. etcd extends lease TTLs across an election, which only delays expiry.
+//!
+//! **Why tokens strictly increase per key** (invariant 7). Within one owner, tokens of a shard
+//! are numbered in decision order under a revision that never goes back. A new owner claims
+//! at a revision above every revision of the old owner's txns, and the old owner's tokens
+//! carry revisions it saw, so every token of the new owner is above every token of the old
+//! one. A zombie's late grants carry its old revision: a downstream that remembers the
+//! highest token refuses them.
 //!
 //! **Crashes.** *A holder dies*: its slots expire at their hold time (bucket leases).
-//! *A replica is killed*: its ownership keys vanish when its replica lease expires (within
-//! `--replica-ttl`); the preferred live replica (rendezvous hash) claims each orphaned
-//! shard and rebuilds exact counts from the slot records; meanwhile operations on those
-//! shards wait up to [`routing::ROUTING_DEADLINE`] and then fail UNAVAILABLE. *A txn fails
-//! or times out*: its waiters get UNAVAILABLE (retry with the same `request_id` returns the
-//! slot if it was stored) and the shard is reloaded from etcd. *etcd loses its leader*:
-//! txns stall until a new leader is elected; nothing is decided on uncommitted state, and
-//! etcd extends lease TTLs across the election, which only delays expiry. *Usage counters*
-//! (granted/rejected totals) live with the owner and restart from zero on a new owner.
+//! *A replica is killed*: its shards fail over when its replica lease expires (within
+//! `--replica-ttl`); meanwhile operations on those shards wait up to
+//! [`routing::ROUTING_DEADLINE`] and then fail UNAVAILABLE. Its escrow slots' holders are
+//! unknown to the successor: their Renew answers NOT_FOUND and their Release `false`, and
+//! the block's capacity returns at its expiry. *Usage counters* (granted/rejected totals)
+//! live with the owner and restart from zero on a new owner.
 //!
 //! **Its own API.** The limiter cannot guard itself through itself: each account may have
 //! at most `--max-inflight-per-account` requests in flight on one replica (a local count,
@@ -63,8 +141,10 @@
 //! and routers, peers forwarding) are exempt, as with the guard. A queued Acquire may run
 //! its `wait_timeout_ms` on top of `--request-timeout`.
 //!
-//! **Known limits.** A new replica only claims shards that are unowned; shards are not
-//! moved to it while their owner lives. Replicas need the platform secret to forward.
+//! **Known limits.** Replicas need the platform secret to forward. A txn failure (etcd
+//! leader loss) reloads the whole shard, turning its escrow slots into phantoms for up to
+//! a hold plus 30 s. Queued callers of a shard being handed off are told to route again and
+//! queue anew at the new owner (they lose their place).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -127,6 +207,14 @@ pub struct LimiterArgs {
     /// others can reach (not 0.0.0.0).
     #[arg(long, env = "SWITCHBOARD_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
+
+    /// Keys whose limit is at least this are granted from escrow blocks: the owner
+    /// reserves part of the key's capacity in one etcd record and grants from it in
+    /// memory, with no etcd write per slot (0: every slot is written to etcd). Smaller
+    /// limits, idempotent retries (`request_id`), queued callers and holds over 300 s
+    /// stay exact.
+    #[arg(long, env = "SWITCHBOARD_ESCROW_MIN_LIMIT", default_value_t = 100)]
+    pub escrow_min_limit: u32,
 }
 
 impl Default for LimiterArgs {
@@ -134,9 +222,14 @@ impl Default for LimiterArgs {
         Self {
             max_inflight_per_account: 1000,
             advertise_address: None,
+            escrow_min_limit: 100,
         }
     }
 }
+
+/// How long a stopping replica waits for its shards to be handed off before it drains
+/// anyway (what is not handed off is taken over when its lease expires).
+const LEAVE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Unary calls that may wait `wait_timeout_ms` (at most [`model::MAX_WAIT_MS`]) by contract.
 const WAITING_CALLS: [&str; 2] = [
@@ -200,6 +293,7 @@ pub async fn run_with(
         limits: limits.clone(),
         view: membership.view.clone(),
         stats: stats::EngineStats::register(&replica.metrics),
+        escrow_min_limit: limiter.escrow_min_limit,
     });
     let credentials = args
         .common
@@ -221,20 +315,33 @@ pub async fn run_with(
         replica.client_tls().clone(),
     );
     let api = api::LimiterApi::new(slots::Slots::new(dispatcher), limits);
+    // On SIGTERM: leave the membership (so the others take over at once), hand every shard
+    // off (escrow slots written out exactly), then drain as usual.
+    let leave = membership.leave();
+    let leaving_engine = engine.clone();
+    // Boxed: the server future stays small (debug builds copy large futures on the stack).
+    let stop = Box::pin(async move {
+        stop.await;
+        if let Err(err) = leave.await {
+            tracing::warn!(error = %err, "could not leave the membership; handing off anyway");
+        }
+        if !leaving_engine.leave(LEAVE_DEADLINE).await {
+            tracing::warn!("not every shard was handed off in time; the rest fail over");
+        }
+    });
     let max_message = args.common.limits.max_message_bytes();
     let routes = Routes::new(LimiterServiceServer::new(api).max_decoding_message_size(max_message))
         .add_service(
             LimiterPeerServiceServer::new(relay::Relay::new(engine))
                 .max_decoding_message_size(max_message),
         );
-    let result = replica
-        .serve(
-            listener,
-            routes,
-            &[<LimiterServiceServer<api::LimiterApi> as NamedService>::NAME],
-            stop,
-        )
-        .await;
+    let result = Box::pin(replica.serve(
+        listener,
+        routes,
+        &[<LimiterServiceServer<api::LimiterApi> as NamedService>::NAME],
+        stop,
+    ))
+    .await;
     drop(membership);
     result
 }

@@ -52,12 +52,11 @@ impl Relay {
             Op::Renew(r) => {
                 let id = SlotId::parse("slot_id", &r.slot_id)?;
                 let hold = crate::model::hold(r.hold_seconds, "hold_seconds")?;
-                let expire = engine
-                    .call(|reply| Command::Renew(id, restriction, hold, reply))
-                    .await?;
-                Answer::Renew(pb::RenewResponse {
-                    expire_time: Some(convert::timestamp(expire)),
-                })
+                Answer::Renew(convert::renew_response(
+                    engine
+                        .call(|reply| Command::Renew(id, restriction, hold, reply))
+                        .await?,
+                ))
             }
             Op::GetUsage(r) => {
                 let key = SlotKey {

@@ -40,6 +40,8 @@ const FORWARD_DEADLINE: Duration = Duration::from_secs(6);
 pub struct Membership {
     /// The current view.
     pub view: watch::Receiver<View>,
+    session: EtcdSession,
+    key: String,
     _mirrors: [Mirror; 2],
 }
 
@@ -80,8 +82,20 @@ impl Membership {
         shards.wait_for(1, plumbing::etcd::CALL_DEADLINE).await;
         Ok(Self {
             view,
+            session: session.clone(),
+            key: session.key(&format!("limiter/members/{replica_id}")),
             _mirrors: [members, shards],
         })
+    }
+
+    /// Deletes this replica's membership key (the first step of a graceful leave): the
+    /// others drop it from the assignment and take its shards as it hands them off.
+    pub fn leave(&self) -> impl Future<Output = Result<(), EtcdError>> + Send + 'static {
+        let (session, key) = (self.session.clone(), self.key.clone());
+        async move {
+            let mut client = session.client();
+            session.bounded(client.delete(key, None)).await.map(|_| ())
+        }
     }
 }
 
@@ -242,15 +256,38 @@ impl Dispatcher {
         }
     }
 
+    /// The shard map as this replica sees it (GetShardMap).
+    pub fn shard_map(&self) -> proto::limiter::v1::GetShardMapResponse {
+        let view = self.view.borrow();
+        let mut owners: Vec<_> = view
+            .owners
+            .iter()
+            .map(|(shard, owner)| proto::limiter::v1::ShardOwner {
+                shard: u32::from(*shard),
+                replica_id: owner.replica_id.clone(),
+                address: owner.address.clone(),
+            })
+            .collect();
+        owners.sort_by_key(|o| o.shard);
+        let mut members: Vec<String> = view.members.values().cloned().collect();
+        members.sort();
+        proto::limiter::v1::GetShardMapResponse {
+            shard_count: u32::from(crate::model::SHARDS),
+            owners,
+            members,
+        }
+    }
+
     /// Runs `local` on the engine or `remote` on the owner, re-routing while the shard has
-    /// no reachable owner, until `extra` past the routing deadline.
+    /// no reachable owner, until `extra` past the routing deadline. Answers whether the
+    /// call was forwarded to another replica.
     pub async fn route<T, L, LF, R, RF>(
         &self,
         shard: u16,
         extra: Duration,
         local: L,
         remote: R,
-    ) -> Result<T, Error>
+    ) -> Result<(T, bool), Error>
     where
         L: Fn(EngineHandle) -> LF,
         LF: Future<Output = Result<T, EngineError>>,
@@ -263,14 +300,14 @@ impl Dispatcher {
             match self.target(shard) {
                 Some(Ok(Target::Local)) => match local(self.engine.clone()).await {
                     Err(EngineError::NotOwner(_)) => {}
-                    other => return other.map_err(Error::Engine),
+                    other => return other.map(|v| (v, false)).map_err(Error::Engine),
                 },
                 Some(Ok(Target::Peer(client))) => {
                     match forward_within(FORWARD_DEADLINE + extra, remote(*client)).await {
                         Err(status) if retryable(&status) => {
                             tracing::debug!(shard, code = ?status.code(), "owner unreachable or moved; re-routing");
                         }
-                        other => return other.map_err(Error::Peer),
+                        other => return other.map(|v| (v, true)).map_err(Error::Peer),
                     }
                 }
                 Some(Err(err)) => return Err(err),

@@ -50,7 +50,7 @@ impl Slots {
         &self,
         spec: AcquireSpec,
         who: &Requester,
-    ) -> Result<pb::AcquireResponse, Error> {
+    ) -> Result<(pb::AcquireResponse, bool), Error> {
         let wait = Duration::from_millis(u64::from(spec.wait_ms));
         let shard = spec.key.shard();
         let request = forward(
@@ -90,7 +90,7 @@ impl Slots {
     }
 
     /// Release: whether this call freed the slot.
-    pub async fn release(&self, id: SlotId, who: &Requester) -> Result<bool, Error> {
+    pub async fn release(&self, id: SlotId, who: &Requester) -> Result<(bool, bool), Error> {
         let request = forward(
             who,
             Op::Release(pb::ReleaseRequest {
@@ -129,7 +129,7 @@ impl Slots {
         id: SlotId,
         hold_secs: u32,
         who: &Requester,
-    ) -> Result<pb::RenewResponse, Error> {
+    ) -> Result<(pb::RenewResponse, bool), Error> {
         let request = forward(
             who,
             Op::Renew(pb::RenewRequest {
@@ -145,12 +145,10 @@ impl Slots {
                 |engine| {
                     let (id, restriction) = (id.clone(), restriction.clone());
                     async move {
-                        let expire = engine
+                        engine
                             .call(|reply| Command::Renew(id, restriction, hold_secs, reply))
-                            .await?;
-                        Ok(pb::RenewResponse {
-                            expire_time: Some(convert::timestamp(expire)),
-                        })
+                            .await
+                            .map(convert::renew_response)
                     }
                 },
                 |mut peer| {
@@ -199,6 +197,12 @@ impl Slots {
                 },
             )
             .await
+            .map(|(usage, _)| usage)
+    }
+
+    /// The shard map as this replica sees it.
+    pub fn shard_map(&self) -> pb::GetShardMapResponse {
+        self.dispatcher.shard_map()
     }
 
     /// Usage of every active key of `account`, gathered from every replica.

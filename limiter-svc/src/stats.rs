@@ -29,6 +29,10 @@ pub struct EngineStats {
     pub txn: TxnStats,
     /// Shards owned by this replica.
     pub shards_owned: Gauge,
+    /// Slots granted from escrow blocks (no etcd write of their own).
+    pub escrow_grants: Counter,
+    /// Planned handoffs completed by this replica.
+    pub handoffs: Counter,
 }
 
 impl EngineStats {
@@ -41,7 +45,19 @@ impl EngineStats {
             queued: Family::default(),
             txn: TxnStats::register(metrics, "limiter", "Slot operations"),
             shards_owned: Gauge::default(),
+            escrow_grants: Counter::default(),
+            handoffs: Counter::default(),
         };
+        metrics.register(
+            "limiter_escrow_grants",
+            "Slots granted from escrow blocks, without an etcd write of their own",
+            stats.escrow_grants.clone(),
+        );
+        metrics.register(
+            "limiter_handoffs",
+            "Shards this replica handed off in a planned handoff",
+            stats.handoffs.clone(),
+        );
         metrics.register(
             "limiter_grants",
             "Slots granted, by resource",

@@ -25,8 +25,13 @@ pub struct Slot {
     pub request_id: String,
     /// When it expires (ms since the epoch).
     pub expire_ms: u64,
-    /// Whether its record has been committed to etcd.
+    /// Whether the caller may be told of it: its record committed to etcd, or (escrow) a
+    /// committed block of the key covers it.
     pub committed: bool,
+    /// Granted from the key's escrow block: no record of its own in etcd.
+    pub escrow: bool,
+    /// Its fencing token.
+    pub token: u64,
 }
 
 /// A caller waiting in a key's FIFO queue.
@@ -48,6 +53,11 @@ pub struct KeyState<R> {
     slots: HashMap<SlotId, Slot>,
     by_request: HashMap<String, SlotId>,
     queue: VecDeque<Waiter<R>>,
+    /// Slots among `slots` granted from escrow.
+    escrowed: u32,
+    /// Capacity counted as held without slots of its own: escrow blocks a previous owner
+    /// left, as (count, expiry ms).
+    phantoms: Vec<(u32, u64)>,
     /// Grants since this replica took the key.
     pub granted_total: u64,
     /// Rejections since this replica took the key.
@@ -64,6 +74,8 @@ impl<R> Default for KeyState<R> {
             slots: HashMap::new(),
             by_request: HashMap::new(),
             queue: VecDeque::new(),
+            escrowed: 0,
+            phantoms: Vec::new(),
             granted_total: 0,
             rejected_total: 0,
             shadow_rejected_total: 0,
@@ -73,9 +85,24 @@ impl<R> Default for KeyState<R> {
 }
 
 impl<R> KeyState<R> {
-    /// Slots held (committed or being committed).
+    /// Slots held (committed or being committed), plus phantom capacity.
     pub fn held(&self) -> u32 {
-        self.slots.len() as u32
+        self.slots.len() as u32 + self.phantom()
+    }
+
+    /// Capacity a previous owner's blocks still pin.
+    pub fn phantom(&self) -> u32 {
+        self.phantoms.iter().map(|(n, _)| *n).sum()
+    }
+
+    /// Slots granted from escrow (covered or waiting for their block).
+    pub fn escrowed(&self) -> u32 {
+        self.escrowed
+    }
+
+    /// The held slots.
+    pub fn slots(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.values()
     }
 
     /// Callers waiting.
@@ -85,7 +112,11 @@ impl<R> KeyState<R> {
 
     /// Earliest expiry among held slots.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.slots.values().map(|s| s.expire_ms).min()
+        self.slots
+            .values()
+            .map(|s| s.expire_ms)
+            .chain(self.phantoms.iter().map(|(_, e)| *e))
+            .min()
     }
 }
 
@@ -121,6 +152,8 @@ pub struct SlotTable<R> {
     keys: HashMap<SlotKey, KeyState<R>>,
     index: HashMap<SlotId, SlotKey>,
     expiries: BinaryHeap<Reverse<(u64, SlotId)>>,
+    /// Keys with phantom capacity, checked for its expiry.
+    phantom_keys: Vec<SlotKey>,
 }
 
 impl<R> Default for SlotTable<R> {
@@ -129,6 +162,7 @@ impl<R> Default for SlotTable<R> {
             keys: HashMap::new(),
             index: HashMap::new(),
             expiries: BinaryHeap::new(),
+            phantom_keys: Vec::new(),
         }
     }
 }
@@ -145,6 +179,7 @@ impl<R> SlotTable<R> {
         wait_ms: u32,
         limit: Option<LimitValue>,
         now_ms: u64,
+        escrow: bool,
         reply: R,
     ) -> (Decision, Option<R>) {
         let state = self.keys.entry(key.clone()).or_default();
@@ -164,7 +199,7 @@ impl<R> SlotTable<R> {
             if shadow {
                 state.shadow_rejected_total += 1;
             }
-            let slot = self.insert(key, request_id, hold_secs, now_ms);
+            let slot = self.insert(key, request_id, hold_secs, now_ms, escrow);
             return (
                 Decision::Grant {
                     slot,
@@ -188,13 +223,22 @@ impl<R> SlotTable<R> {
         (Decision::Queued, None)
     }
 
-    fn insert(&mut self, key: &SlotKey, request_id: &str, hold_secs: u32, now_ms: u64) -> Slot {
+    fn insert(
+        &mut self,
+        key: &SlotKey,
+        request_id: &str,
+        hold_secs: u32,
+        now_ms: u64,
+        escrow: bool,
+    ) -> Slot {
         let slot = Slot {
             id: SlotId::new(key.shard()),
             key: key.clone(),
             request_id: request_id.to_owned(),
             expire_ms: now_ms + u64::from(hold_secs) * 1000,
             committed: false,
+            escrow,
+            token: 0,
         };
         self.load(slot.clone());
         if let Some(state) = self.keys.get_mut(key) {
@@ -214,7 +258,43 @@ impl<R> SlotTable<R> {
         self.expiries
             .push(Reverse((slot.expire_ms, slot.id.clone())));
         self.index.insert(slot.id.clone(), slot.key.clone());
-        state.slots.insert(slot.id.clone(), slot);
+        if slot.escrow {
+            state.escrowed += 1;
+        }
+        if let Some(old) = state.slots.insert(slot.id.clone(), slot)
+            && old.escrow
+        {
+            state.escrowed -= 1;
+        }
+    }
+
+    /// Counts `count` slots of `key` as held until `expire_ms`: a block a previous owner
+    /// left, whose holds are unknown.
+    pub fn load_phantom(&mut self, key: &SlotKey, count: u32, expire_ms: u64) {
+        let state = self.keys.entry(key.clone()).or_default();
+        state.phantoms.push((count, expire_ms));
+        self.phantom_keys.push(key.clone());
+    }
+
+    /// Sets the token of a slot just decided.
+    pub fn set_token(&mut self, id: &SlotId, token: u64) {
+        if let Some(slot) = self.slot_mut(id) {
+            slot.token = token;
+        }
+    }
+
+    /// Turns an escrow slot into an exact one (its record is being written).
+    pub fn make_exact(&mut self, id: &SlotId) {
+        let Some(key) = self.index.get(id).cloned() else {
+            return;
+        };
+        if let Some(state) = self.keys.get_mut(&key)
+            && let Some(slot) = state.slots.get_mut(id)
+            && slot.escrow
+        {
+            slot.escrow = false;
+            state.escrowed -= 1;
+        }
     }
 
     /// Marks a slot's record as committed.
@@ -240,6 +320,9 @@ impl<R> SlotTable<R> {
         let key = self.index.remove(id)?;
         let state = self.keys.get_mut(&key)?;
         let slot = state.slots.remove(id)?;
+        if slot.escrow {
+            state.escrowed -= 1;
+        }
         if !slot.request_id.is_empty() {
             state.by_request.remove(&slot.request_id);
         }
@@ -272,6 +355,25 @@ impl<R> SlotTable<R> {
             {
                 freed.push(slot.key);
             }
+        }
+        if !self.phantom_keys.is_empty() {
+            let mut keep = Vec::new();
+            for key in std::mem::take(&mut self.phantom_keys) {
+                let Some(state) = self.keys.get_mut(&key) else {
+                    continue;
+                };
+                let before = state.phantoms.len();
+                state.phantoms.retain(|(_, e)| *e > now_ms);
+                if state.phantoms.len() < before {
+                    freed.push(key.clone());
+                }
+                if !state.phantoms.is_empty() {
+                    keep.push(key);
+                }
+            }
+            keep.sort();
+            keep.dedup();
+            self.phantom_keys = keep;
         }
         freed.sort();
         freed.dedup();
@@ -308,7 +410,7 @@ impl<R> SlotTable<R> {
             let Some(waiter) = state.queue.pop_front() else {
                 break;
             };
-            let slot = self.insert(key, &waiter.request_id, waiter.hold_secs, now_ms);
+            let slot = self.insert(key, &waiter.request_id, waiter.hold_secs, now_ms, false);
             let in_flight = self.keys.get(key).map_or(0, KeyState::held);
             granted.push((slot, in_flight, waiter.reply));
         }
@@ -363,12 +465,22 @@ impl<R> SlotTable<R> {
         waiters
     }
 
+    /// Takes every queued caller of `shard` out of its queue (the shard is being handed off).
+    pub fn take_waiters(&mut self, shard: u16) -> Vec<Waiter<R>> {
+        self.keys
+            .iter_mut()
+            .filter(|(k, _)| k.shard() == shard)
+            .flat_map(|(_, s)| s.queue.drain(..).collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Forgets keys that hold nothing, queue nothing and saw no request for `idle_ms`
     /// (their usage counters go with them), so memory stays bounded by the active keys.
     pub fn forget_idle(&mut self, now_ms: u64, idle_ms: u64) {
         self.keys.retain(|_, s| {
             !s.slots.is_empty()
                 || !s.queue.is_empty()
+                || !s.phantoms.is_empty()
                 || now_ms.saturating_sub(s.last_active_ms) < idle_ms
         });
         if self.expiries.len() > 4 * self.index.len() + 1024 {
@@ -409,11 +521,11 @@ mod tests {
         let mut table = SlotTable::<u32>::default();
         for i in 1..=3 {
             assert!(
-                matches!(table.decide(&key(), "", 60, 0, limit(3), 0, i).0, Decision::Grant { in_flight, .. } if in_flight == i)
+                matches!(table.decide(&key(), "", 60, 0, limit(3), 0, false, i).0, Decision::Grant { in_flight, .. } if in_flight == i)
             );
         }
         assert_eq!(
-            table.decide(&key(), "", 60, 0, limit(3), 0, 4).0,
+            table.decide(&key(), "", 60, 0, limit(3), 0, false, 4).0,
             Decision::Reject { in_flight: 3 }
         );
         assert_eq!(table.key(&key()).map(|s| s.rejected_total), Some(1));
@@ -422,12 +534,13 @@ mod tests {
     #[test]
     fn a_retried_request_id_gets_the_same_slot() {
         let mut table = SlotTable::<u32>::default();
-        let Decision::Grant { slot, .. } = table.decide(&key(), "r1", 60, 0, limit(1), 0, 1).0
+        let Decision::Grant { slot, .. } =
+            table.decide(&key(), "r1", 60, 0, limit(1), 0, false, 1).0
         else {
             panic!("not granted")
         };
         assert_eq!(
-            table.decide(&key(), "r1", 60, 0, limit(1), 0, 2).0,
+            table.decide(&key(), "r1", 60, 0, limit(1), 0, false, 2).0,
             Decision::Existing(slot)
         );
         assert_eq!(table.key(&key()).map(KeyState::held), Some(1));
@@ -436,20 +549,21 @@ mod tests {
     #[test]
     fn queued_callers_are_granted_in_order_when_room_appears() {
         let mut table = SlotTable::<u32>::default();
-        let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(1), 0, 0).0 else {
+        let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(1), 0, false, 0).0
+        else {
             panic!("not granted")
         };
         assert_eq!(
-            table.decide(&key(), "", 60, 1000, limit(1), 0, 1).0,
+            table.decide(&key(), "", 60, 1000, limit(1), 0, false, 1).0,
             Decision::Queued
         );
         assert_eq!(
-            table.decide(&key(), "", 60, 1000, limit(1), 0, 2).0,
+            table.decide(&key(), "", 60, 1000, limit(1), 0, false, 2).0,
             Decision::Queued
         );
         // A newcomer that will not wait cannot overtake the queue.
         assert_eq!(
-            table.decide(&key(), "", 60, 0, limit(1), 0, 3).0,
+            table.decide(&key(), "", 60, 0, limit(1), 0, false, 3).0,
             Decision::Reject { in_flight: 1 }
         );
         table.remove(&slot.id);
@@ -464,11 +578,13 @@ mod tests {
     #[test]
     fn slots_expire_at_their_hold_and_renewal_moves_the_expiry() {
         let mut table = SlotTable::<u32>::default();
-        let Decision::Grant { slot: a, .. } = table.decide(&key(), "", 1, 0, limit(5), 0, 0).0
+        let Decision::Grant { slot: a, .. } =
+            table.decide(&key(), "", 1, 0, limit(5), 0, false, 0).0
         else {
             panic!()
         };
-        let Decision::Grant { slot: b, .. } = table.decide(&key(), "", 1, 0, limit(5), 0, 0).0
+        let Decision::Grant { slot: b, .. } =
+            table.decide(&key(), "", 1, 0, limit(5), 0, false, 0).0
         else {
             panic!()
         };
@@ -488,9 +604,9 @@ mod tests {
             max_in_flight: 1,
             shadow: true,
         });
-        table.decide(&key(), "", 60, 0, shadow, 0, 0);
+        table.decide(&key(), "", 60, 0, shadow, 0, false, 0);
         assert!(matches!(
-            table.decide(&key(), "", 60, 0, shadow, 0, 0).0,
+            table.decide(&key(), "", 60, 0, shadow, 0, false, 0).0,
             Decision::Grant {
                 shadow: true,
                 in_flight: 2,
@@ -505,32 +621,52 @@ mod tests {
         let mut table = SlotTable::<u32>::default();
         let mut ids = Vec::new();
         for _ in 0..3 {
-            if let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(3), 0, 0).0
+            if let Decision::Grant { slot, .. } =
+                table.decide(&key(), "", 60, 0, limit(3), 0, false, 0).0
             {
                 ids.push(slot.id);
             }
         }
         assert!(matches!(
-            table.decide(&key(), "", 60, 0, limit(1), 0, 0).0,
+            table.decide(&key(), "", 60, 0, limit(1), 0, false, 0).0,
             Decision::Reject { .. }
         ));
         table.remove(&ids[0]);
         assert!(matches!(
-            table.decide(&key(), "", 60, 0, limit(1), 0, 0).0,
+            table.decide(&key(), "", 60, 0, limit(1), 0, false, 0).0,
             Decision::Reject { .. }
         ));
         table.remove(&ids[1]);
         table.remove(&ids[2]);
         assert!(matches!(
-            table.decide(&key(), "", 60, 0, limit(1), 0, 0).0,
+            table.decide(&key(), "", 60, 0, limit(1), 0, false, 0).0,
             Decision::Grant { .. }
         ));
     }
 
     #[test]
+    fn phantom_capacity_counts_as_held_until_it_expires() {
+        let mut table = SlotTable::<u32>::default();
+        table.load_phantom(&key(), 2, 5_000);
+        assert!(matches!(
+            table.decide(&key(), "", 60, 0, limit(3), 0, true, 0).0,
+            Decision::Grant { in_flight: 3, .. }
+        ));
+        assert_eq!(
+            table.decide(&key(), "", 60, 0, limit(3), 0, true, 0).0,
+            Decision::Reject { in_flight: 3 }
+        );
+        assert_eq!(table.key(&key()).map(KeyState::escrowed), Some(1));
+        assert_eq!(table.expire(4_999), Vec::<SlotKey>::new());
+        assert_eq!(table.expire(5_000), vec![key()]);
+        assert_eq!(table.key(&key()).map(KeyState::held), Some(1));
+    }
+
+    #[test]
     fn idle_keys_keep_their_counters_until_the_idle_period_passes() {
         let mut table = SlotTable::<u32>::default();
-        let Decision::Grant { slot, .. } = table.decide(&key(), "", 60, 0, limit(1), 1_000, 0).0
+        let Decision::Grant { slot, .. } =
+            table.decide(&key(), "", 60, 0, limit(1), 1_000, false, 0).0
         else {
             panic!()
         };

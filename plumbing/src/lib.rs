@@ -7,6 +7,7 @@
 //! - [`server`]: health, reflection, layers, graceful shutdown and the replica lease;
 //! - [`guard`]: the API guard, a layer limiting each account's in-flight requests per RPC
 //!   through limiter-svc;
+//! - [`limiter`]: a limiter-svc client that sends each call to the owner of its shard;
 //! - [`limits`]: per-connection and per-request limits (concurrent streams, message size,
 //!   request deadline); [`quota`]: per-account caps counted on one replica;
 //! - [`refusal`]: how a layer refuses a call before its handler without costing the
@@ -24,6 +25,7 @@ pub mod etcd;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;
+pub mod limiter;
 pub mod limits;
 pub mod metrics;
 pub mod quota;

@@ -47,6 +47,9 @@ pub enum ServeError {
     /// A TLS flag or file is unusable (the message names the flag and the file).
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The limiter address is unusable.
+    #[error(transparent)]
+    Limiter(#[from] crate::limiter::LimiterClientError),
 }
 
 /// What one running replica shares with its service: etcd, its lease, the key mirror and

@@ -195,7 +195,21 @@ pub async fn run_with(
     // Before etcd: a bad --webhook-ca stops the start at once, naming the flag.
     let webhook_tls = WebhookTls::load(router.webhook_ca.as_deref())?;
     let replica = Replica::start(&args.common, address).await?;
-    let guard = GuardLayer::from_args(&args.guard, &args.common, replica.client_tls())?;
+    let peers = Peers::new(
+        &args.common,
+        args.presence.clone(),
+        args.guard.limiter.clone(),
+        replica.client_tls().clone(),
+    )?;
+    // The API guard shares the router's limiter client (one shard map, one channel per
+    // owner); without one, `from_args` says why the API is unguarded.
+    let guard = match peers.limiter() {
+        Some(Ok(limiter)) => Some(GuardLayer::with_limiter(
+            limiter.clone(),
+            args.guard.guard_fail_closed,
+        )),
+        _ => GuardLayer::from_args(&args.guard, &args.common, replica.client_tls())?,
+    };
     // Route returns when the communication is connected or over: its Dial timeouts and
     // webhook deadlines bound it, not --request-timeout.
     let replica = replica
@@ -219,12 +233,7 @@ pub async fn run_with(
             TxnStats::register(&replica.metrics, "router", "Communication record writes"),
         ),
         live: Arc::new(LiveTable::default()),
-        peers: Peers::new(
-            &args.common,
-            args.presence.clone(),
-            args.guard.limiter.clone(),
-            replica.client_tls().clone(),
-        ),
+        peers,
         webhooks: WebhookClient::new(args.allow_private_webhooks, webhook_tls),
         slot_hold: slot_hold(args.common.replica_ttl),
         fail_closed: args.guard.guard_fail_closed,

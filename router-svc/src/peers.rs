@@ -1,4 +1,5 @@
-//! The services the router calls — limiter-svc, presence-svc (presence reads and, on the
+//! The services the router calls — limiter-svc (one shared [`LimiterClient`] that sends
+//! each call to the owner of its shard), presence-svc (presence reads and, on the
 //! replica holding each device's session, offer delivery) and other router replicas (to
 //! reach the owner of a communication) — with platform tokens minted here and the trace
 //! context carried by [`CallCredentials`].
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use plumbing::auth::Scope;
 use plumbing::client::{CallCredentials, ClientTls};
 use plumbing::config::CommonArgs;
-use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
+use plumbing::limiter::{LimiterClient, LimiterClientError};
 use proto::presence::v1::presence_service_client::PresenceServiceClient;
 use proto::presence::v1::session_relay_service_client::SessionRelayServiceClient;
 use proto::router::v1::router_service_client::RouterServiceClient;
@@ -43,21 +44,23 @@ pub enum PeerError {
 #[derive(Debug, Clone)]
 pub struct Peers {
     credentials: Option<CallCredentials>,
-    limiter: Option<String>,
+    /// Built once at startup; `Err` without credentials (said on every call).
+    limiter: Option<Result<LimiterClient, PeerError>>,
     presence: String,
     tls: ClientTls,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Peers {
-    /// Peers at `presence` and `limiter`, signing with the platform key of `common`, called
-    /// over `tls`.
+    /// Peers at `presence` and `limiter` (one address, or seed addresses separated by
+    /// commas), signing with the platform key of `common`, called over `tls`. Fails when
+    /// the limiter address is unusable.
     pub fn new(
         common: &CommonArgs,
         presence: String,
         limiter: Option<String>,
         tls: ClientTls,
-    ) -> Self {
+    ) -> Result<Self, LimiterClientError> {
         let credentials = common
             .platform_secret
             .as_deref()
@@ -73,13 +76,22 @@ impl Peers {
                     ],
                 )
             });
-        Self {
+        let limiter = match (limiter.filter(|l| !l.trim().is_empty()), &credentials) {
+            (None, _) => None,
+            (Some(_), None) => Some(Err(PeerError::NoCredentials)),
+            (Some(address), Some(credentials)) => Some(Ok(LimiterClient::from_address(
+                &address,
+                &tls,
+                credentials.clone(),
+            )?)),
+        };
+        Ok(Self {
             credentials,
-            limiter: limiter.filter(|l| !l.is_empty()),
+            limiter,
             presence,
             tls,
             channels: Arc::default(),
-        }
+        })
     }
 
     fn authed(&self, address: &str) -> Result<Authed, PeerError> {
@@ -105,10 +117,10 @@ impl Peers {
     }
 
     /// The limiter, when one is configured.
-    pub fn limiter(&self) -> Option<Result<LimiterServiceClient<Authed>, PeerError>> {
+    pub fn limiter(&self) -> Option<Result<&LimiterClient, PeerError>> {
         self.limiter
-            .as_deref()
-            .map(|address| self.authed(address).map(LimiterServiceClient::new))
+            .as_ref()
+            .map(|limiter| limiter.as_ref().map_err(Clone::clone))
     }
 
     /// Presence reads.

@@ -51,7 +51,7 @@ pub async fn acquire(
     let Some(limiter) = peers.limiter() else {
         return Admission::Unlimited;
     };
-    let mut limiter = match limiter {
+    let limiter = match limiter {
         Ok(limiter) => limiter,
         Err(err) => return Admission::Unreachable(err.to_string()),
     };
@@ -63,7 +63,7 @@ pub async fn acquire(
         wait_timeout_ms: 0,
     };
     let answer = match tokio::time::timeout(LIMITER_DEADLINE, limiter.acquire(request)).await {
-        Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Ok(answer)) => answer,
         Ok(Err(status)) => {
             return Admission::Unreachable(format!("{:?}: {}", status.code(), status.message()));
         }
@@ -111,7 +111,7 @@ impl Drop for Slot {
 }
 
 async fn release(peers: &Peers, slot_id: &str) {
-    let Some(Ok(mut limiter)) = peers.limiter() else {
+    let Some(Ok(limiter)) = peers.limiter() else {
         return;
     };
     let request = pb::ReleaseRequest {
@@ -136,7 +136,7 @@ async fn renew(peers: Peers, slot_id: String, hold: Duration, stop: Cancellation
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(hold / 3) => {}
         }
-        let Some(Ok(mut limiter)) = peers.limiter() else {
+        let Some(Ok(limiter)) = peers.limiter() else {
             return;
         };
         let request = pb::RenewRequest {

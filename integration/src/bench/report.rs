@@ -27,6 +27,8 @@ pub enum Goal {
     AtLeast(f64),
     /// The figure must be at most this.
     AtMost(f64),
+    /// No goal of its own: reported to explain another figure.
+    Report,
 }
 
 impl Goal {
@@ -34,6 +36,7 @@ impl Goal {
         match self {
             Goal::AtLeast(goal) => value >= goal,
             Goal::AtMost(goal) => value <= goal,
+            Goal::Report => true,
         }
     }
 
@@ -41,6 +44,7 @@ impl Goal {
         match self {
             Goal::AtLeast(goal) => format!(">= {goal}"),
             Goal::AtMost(goal) => format!("<= {goal}"),
+            Goal::Report => "none".to_owned(),
         }
     }
 }
@@ -154,16 +158,16 @@ impl Report {
         if !self.ratios.is_empty() {
             text.push_str("\ngoals (DESIGN.md §6):\n");
             for ratio in &self.ratios {
+                let verdict = match ratio.goal {
+                    Goal::Report => "reported",
+                    goal if goal.met(ratio.value) => "met",
+                    _ => "MISSED",
+                };
                 text.push_str(&format!(
-                    "- {} {:.2} (goal {}): {}\n",
+                    "- {} {:.2} (goal {}): {verdict}\n",
                     ratio.name,
                     ratio.value,
                     ratio.goal.text(),
-                    if ratio.goal.met(ratio.value) {
-                        "met"
-                    } else {
-                        "MISSED"
-                    }
                 ));
             }
         }

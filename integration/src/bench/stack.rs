@@ -18,6 +18,8 @@ use crate::{Etcd, PLATFORM_KEY_ID, PLATFORM_SECRET, free_port, unique_prefix};
 
 /// How long a service may take to answer its health check as SERVING.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one etcd compaction or defragmentation.
+const COMPACT_TIMEOUT: Duration = Duration::from_secs(60);
 /// `--replica-ttl` of every service.
 const REPLICA_TTL: &str = "5";
 
@@ -196,6 +198,75 @@ impl Stack {
             .ok_or_else(|| "etcd answered without a header".into())
     }
 
+    /// What clients of the services use (plain text unless the run is over TLS).
+    pub fn client_tls(&self) -> &ClientTls {
+        &self.tls
+    }
+
+    /// The value of the gauge `metric` (series summed, labels ignored) on each service
+    /// named `service`, in start order, scraped now; `None` for a service that could not
+    /// be scraped or does not export it.
+    pub async fn gauge(&self, service: &str, metric: &str) -> Vec<Option<f64>> {
+        let mut values = Vec::new();
+        for service in self.services.iter().filter(|s| s.name == service) {
+            let value = scrape(service.metrics).await.and_then(|metrics| {
+                let mut found = None;
+                for (series, value) in &metrics {
+                    if series.split('{').next() == Some(metric) {
+                        *found.get_or_insert(0.0) += value;
+                    }
+                }
+                found
+            });
+            values.push(value);
+        }
+        values
+    }
+
+    /// Compacts etcd's history up to the current revision (physically: the compaction has
+    /// finished when this returns) and defragments its database, so that what one row wrote
+    /// does not slow the next. Returns `compacted to revision N, db 1.2 → 0.4 MiB`.
+    pub async fn compact_and_defrag(&self) -> Result<String> {
+        let mut client = self.etcd_client().await?;
+        let revision = Self::etcd_revision(&mut client).await?;
+        let before = Self::db_size(&mut client).await;
+        let compact = client.compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        );
+        match tokio::time::timeout(COMPACT_TIMEOUT, compact).await {
+            Err(_) => return Err("etcd did not compact within the deadline".into()),
+            // Nothing was written since the last compaction: nothing to do.
+            Ok(Err(err)) if err.to_string().contains("compacted") => {}
+            Ok(Err(err)) => return Err(format!("etcd compact: {err}").into()),
+            Ok(Ok(_)) => {}
+        }
+        tokio::time::timeout(COMPACT_TIMEOUT, client.defragment())
+            .await
+            .map_err(|_| "etcd did not defragment within the deadline")?
+            .map_err(|err| format!("etcd defragment: {err}"))?;
+        let after = Self::db_size(&mut client).await;
+        let mib = |size: Option<i64>| {
+            size.map_or_else(
+                || "?".to_owned(),
+                |bytes| format!("{:.1}", bytes as f64 / 1024.0 / 1024.0),
+            )
+        };
+        Ok(format!(
+            "compacted to revision {revision}, db {} → {} MiB",
+            mib(before),
+            mib(after)
+        ))
+    }
+
+    async fn db_size(client: &mut etcd_client::Client) -> Option<i64> {
+        tokio::time::timeout(super::OP_TIMEOUT, client.status())
+            .await
+            .ok()?
+            .ok()
+            .map(|status| status.db_size())
+    }
+
     /// Every process of the run with a label for CPU accounting (replicas of one binary
     /// share a label, so their CPU adds up).
     fn processes(&self) -> Vec<(String, Option<u32>)> {
@@ -228,8 +299,19 @@ impl Stack {
     /// Starts watching the measured window of `plan`: etcd revision and CPU times at its
     /// start and end.
     pub async fn watch_window(&self, plan: &Plan) -> Result<Window> {
+        self.watch_window_with(plan, &[]).await
+    }
+
+    /// As [`Stack::watch_window`], also accounting the CPU of `extra` processes (label,
+    /// pid) that are not the stack's own (e.g. a baseline's server).
+    pub async fn watch_window_with(
+        &self,
+        plan: &Plan,
+        extra: &[(String, Option<u32>)],
+    ) -> Result<Window> {
         let client = self.etcd_client().await?;
-        let prober = self.prober();
+        let mut prober = self.prober();
+        prober.processes.extend(extra.iter().cloned());
         let handle = plan.probe(move || {
             let client = client.clone();
             let prober = prober.clone();
@@ -384,9 +466,12 @@ impl WindowFacts {
 
     /// `etcd fsyncs 190/s, mean 6.5 ms` (etcd's WAL fsyncs in the window).
     pub fn etcd_note(&self, seconds: f64) -> String {
+        if self.metrics.is_empty() || seconds <= 0.0 {
+            return "etcd fsyncs unknown".to_owned();
+        }
         let count = self.metric("etcd_disk_wal_fsync_duration_seconds_count");
-        if count <= 0.0 || seconds <= 0.0 {
-            return "etcd fsyncs: none or unknown".to_owned();
+        if count <= 0.0 {
+            return "etcd fsyncs: none in window".to_owned();
         }
         let sum = self.metric("etcd_disk_wal_fsync_duration_seconds_sum");
         format!(

@@ -1,5 +1,7 @@
 //! limiter-svc against real etcd: admission, queues, idempotency, expiry, limits, isolation,
-//! validation, and the over-admission hunt through replica crashes.
+//! validation, the over-admission hunt through replica crashes, joins and leaves (exact and
+//! with escrow blocks), even shard ownership, planned handoff, the shard map and fencing
+//! tokens.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -806,31 +808,68 @@ async fn hunt_over_admission(
     );
 }
 
-#[tokio::test]
-async fn no_over_admission_through_replica_kills() {
+async fn hunt_through_replica_kills(args: &[&str]) {
     let etcd = Etcd::start().await;
     let prefix = unique_prefix();
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(ServiceProcess::start("limiter-svc", &etcd, &prefix, &[]).await);
+        replicas.push(ServiceProcess::start("limiter-svc", &etcd, &prefix, args).await);
     }
     let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
     let disturb = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         replicas[1].kill().await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        replicas.push(ServiceProcess::start("limiter-svc", &etcd, &prefix, &[]).await);
+        replicas.push(ServiceProcess::start("limiter-svc", &etcd, &prefix, args).await);
     };
     hunt_over_admission(&addrs, Duration::from_secs(12), disturb).await;
+    // Converges: once the holders are gone and the dead owner's blocks have expired, the
+    // key holds nothing.
+    let mut c = client(replicas[0].addr);
+    poll_until(
+        "the hunted key to hold nothing after the hunt",
+        Duration::from_secs(60),
+        || {
+            let mut c = c.clone();
+            async move { (usage(&mut c, "AC1", "hunt").await.ok()?.in_flight == 0).then_some(()) }
+        },
+    )
+    .await;
+    let _ = &mut c;
+}
+
+#[tokio::test]
+async fn no_over_admission_through_replica_kills() {
+    hunt_through_replica_kills(&["--escrow-min-limit", "0"]).await;
+}
+
+#[tokio::test]
+async fn no_over_admission_through_replica_kills_with_escrow_blocks() {
+    hunt_through_replica_kills(&["--escrow-min-limit", "1"]).await;
 }
 
 #[tokio::test]
 async fn no_over_admission_through_an_etcd_leader_kill() {
+    hunt_through_an_etcd_leader_kill(limiter_svc::LimiterArgs {
+        escrow_min_limit: 0,
+        ..Default::default()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_over_admission_through_an_etcd_leader_kill_with_escrow_blocks() {
+    hunt_through_an_etcd_leader_kill(support::escrow_everywhere()).await;
+}
+
+async fn hunt_through_an_etcd_leader_kill(limiter: limiter_svc::LimiterArgs) {
     let mut cluster = integration::EtcdCluster::start(3).await;
     let prefix = unique_prefix();
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(support::limiter_on(cluster.endpoints(), &prefix, 100).await);
+        replicas.push(
+            support::limiter_on_with(cluster.endpoints(), &prefix, 100, limiter.clone()).await,
+        );
     }
     let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
     let disturb = async {
@@ -852,8 +891,8 @@ async fn no_over_admission_through_an_etcd_leader_kill() {
 async fn a_replica_registers_its_advertise_address_and_peers_forward_there() {
     let etcd = Etcd::start().await;
     let prefix = unique_prefix();
-    // B first: it claims the shards (a replica joining later takes only orphaned ones), so
-    // A has to forward to B's advertised address.
+    // B first; A joins and B hands it half the shards: for the other half A has to forward
+    // to B's advertised address.
     let args = limiter_svc::ServeArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         default_limit: 10,
@@ -911,4 +950,400 @@ async fn a_replica_registers_its_advertise_address_and_peers_forward_there() {
     }
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
+}
+
+/// Usage of one key, as the platform sees it.
+async fn usage(
+    client: &mut Client,
+    account: &str,
+    resource: &str,
+) -> Result<pb::Usage, tonic::Status> {
+    let request = pb::GetUsageRequest {
+        account_id: account.into(),
+        resource: resource.into(),
+    };
+    let usage = client.get_usage(Tokens::request(&admin(), request)).await?;
+    usage
+        .into_inner()
+        .usage
+        .ok_or_else(|| tonic::Status::internal("GetUsage answered without usage"))
+}
+
+async fn shard_map(client: &mut Client) -> Option<pb::GetShardMapResponse> {
+    client
+        .get_shard_map(Tokens::request(&admin(), pb::GetShardMapRequest {}))
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Shards owned per replica address, once every shard has an owner and every replica in
+/// `addrs` owns its even share (and no other replica owns any).
+async fn split_evenly(
+    via: std::net::SocketAddr,
+    addrs: Vec<std::net::SocketAddr>,
+) -> Option<HashMap<String, usize>> {
+    let map = shard_map(&mut client(via)).await?;
+    let mut split: HashMap<String, usize> = HashMap::new();
+    for owner in &map.owners {
+        *split.entry(owner.address.clone()).or_default() += 1;
+    }
+    let shards = map.shard_count as usize;
+    let (lo, hi) = (shards / addrs.len(), shards.div_ceil(addrs.len()));
+    let even = map.owners.len() == shards
+        && split.len() == addrs.len()
+        && addrs.iter().all(|a| {
+            split
+                .get(&a.to_string())
+                .is_some_and(|n| (lo..=hi).contains(n))
+        });
+    even.then_some(split)
+}
+
+#[tokio::test]
+async fn replicas_joining_and_leaving_a_running_hunt_rebalance_evenly_and_never_over_admit() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let metrics_port = integration::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let first_args = [
+        "--escrow-min-limit",
+        "1",
+        "--metrics-listen",
+        metrics.as_str(),
+    ];
+    let args = ["--escrow-min-limit", "1"];
+    let first = ServiceProcess::start("limiter-svc", &etcd, &prefix, &first_args).await;
+    let addrs = [first.addr];
+    let disturb = async {
+        poll_until(
+            "one replica to own every shard",
+            Duration::from_secs(10),
+            || split_evenly(first.addr, vec![first.addr]),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut second = ServiceProcess::start("limiter-svc", &etcd, &prefix, &args).await;
+        let started = std::time::Instant::now();
+        poll_until(
+            "two replicas to split the shards 24/24",
+            Duration::from_secs(10),
+            || split_evenly(first.addr, vec![first.addr, second.addr]),
+        )
+        .await;
+        tracing::info!(after = ?started.elapsed(), "rebalanced onto two replicas");
+        let third = ServiceProcess::start("limiter-svc", &etcd, &prefix, &args).await;
+        poll_until(
+            "three replicas to split the shards 16/16/16",
+            Duration::from_secs(10),
+            || split_evenly(first.addr, vec![first.addr, second.addr, third.addr]),
+        )
+        .await;
+        // The count every replica reports on /metrics agrees.
+        poll_until(
+            "limiter_shards_owned 16 on /metrics",
+            Duration::from_secs(5),
+            || async {
+                support::scrape(metrics.parse().unwrap())
+                    .await
+                    .lines()
+                    .any(|l| l.ends_with("limiter_shards_owned 16"))
+                    .then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // A graceful leave hands its shards to the two left, and exits cleanly.
+        second.signal_terminate().await;
+        poll_until(
+            "the two left to split the shards 24/24",
+            Duration::from_secs(10),
+            || split_evenly(first.addr, vec![first.addr, third.addr]),
+        )
+        .await;
+        assert!(
+            second.wait().await.success(),
+            "the leaving replica did not exit cleanly"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        third
+    };
+    let mut third = None;
+    hunt_over_admission(&addrs, Duration::from_secs(20), async {
+        third = Some(disturb.await);
+    })
+    .await;
+    // Planned moves lose no capacity: nothing is left counted once the holders are gone.
+    let mut c = client(first.addr);
+    poll_until(
+        "the hunted key to hold nothing",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            async move { (usage(&mut c, "AC1", "hunt").await.ok()?.in_flight == 0).then_some(()) }
+        },
+    )
+    .await;
+    let _ = (&mut c, third);
+}
+
+/// Which of `addrs` owns the key's shard, from the shard map and the documented hash.
+async fn owner_of(via: std::net::SocketAddr, account: &str, resource: &str) -> String {
+    let map = shard_map(&mut client(via)).await.expect("GetShardMap");
+    let shard = u32::from(
+        limiter_svc::model::SlotKey {
+            account: account.into(),
+            resource: resource.into(),
+        }
+        .shard(),
+    );
+    assert_eq!(map.shard_count, u32::from(limiter_svc::model::SHARDS));
+    map.owners
+        .iter()
+        .find(|o| o.shard == shard)
+        .map(|o| o.address.clone())
+        .expect("the key's shard has an owner")
+}
+
+#[tokio::test]
+async fn a_planned_handoff_loses_no_capacity_and_fencing_tokens_keep_rising() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let endpoints = vec![etcd.endpoint.clone()];
+    let a = support::limiter_on_with(
+        endpoints.clone(),
+        &prefix,
+        100,
+        support::escrow_everywhere(),
+    )
+    .await;
+    let b = support::limiter_on_with(endpoints, &prefix, 100, support::escrow_everywhere()).await;
+    let mut ca = client(a.addr);
+    set_limit(&mut ca, "AC1", "handoff", 10, false).await;
+    poll_until(
+        "an even split over A and B",
+        Duration::from_secs(15),
+        || split_evenly(a.addr, vec![a.addr, b.addr]),
+    )
+    .await;
+    let owner = owner_of(a.addr, "AC1", "handoff").await;
+    let (owner, other) = if owner == a.addr.to_string() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let mut co = client(owner.addr);
+    ready(&co, "AC1", "handoff").await;
+    // Ten slots from the owner's escrow block; tokens rise with every grant.
+    let mut slots = Vec::new();
+    let mut last = 0;
+    for _ in 0..10 {
+        let answer = acquire(&mut co, "AC1", "handoff", 120).await;
+        assert!(granted(&answer), "{answer:?}");
+        assert!(
+            answer.fencing_token > last,
+            "token {} after {last}",
+            answer.fencing_token
+        );
+        last = answer.fencing_token;
+        slots.push(answer);
+    }
+    assert!(
+        !granted(&acquire(&mut co, "AC1", "handoff", 120).await),
+        "an 11th slot of 10"
+    );
+    let renewed = co
+        .renew(Tokens::request(
+            &admin(),
+            pb::RenewRequest {
+                slot_id: slots[0].slot_id.clone(),
+                hold_seconds: 120,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        renewed.fencing_token, slots[0].fencing_token,
+        "Renew keeps the slot's token"
+    );
+    // The owner leaves gracefully: its shards, escrow slots written out exactly, go over.
+    owner.shutdown().await.unwrap();
+    let mut c = client(other.addr);
+    let held = poll_until(
+        "the survivor to serve the key",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            async move { usage(&mut c, "AC1", "handoff").await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(
+        held.in_flight, 10,
+        "the handoff lost or invented slots: {held:?}"
+    );
+    assert!(
+        !granted(&acquire(&mut c, "AC1", "handoff", 120).await),
+        "over-admitted after the handoff"
+    );
+    let renewed = c
+        .renew(Tokens::request(
+            &admin(),
+            pb::RenewRequest {
+                slot_id: slots[1].slot_id.clone(),
+                hold_seconds: 120,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        renewed.fencing_token, slots[1].fencing_token,
+        "the token survives the handoff"
+    );
+    for slot in &slots {
+        assert!(
+            release(&mut c, &slot.slot_id).await,
+            "a handed-off slot was not held"
+        );
+    }
+    // No capacity lost: all ten are grantable at once, with tokens above every earlier one.
+    for _ in 0..10 {
+        let answer = acquire(&mut c, "AC1", "handoff", 120).await;
+        assert!(granted(&answer), "capacity lost in the handoff: {answer:?}");
+        assert!(
+            answer.fencing_token > last,
+            "token {} not above {last}",
+            answer.fencing_token
+        );
+        last = answer.fencing_token;
+    }
+    other.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn after_a_crash_with_blocks_in_use_the_successor_counts_them_and_tokens_keep_rising() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let endpoints = vec![etcd.endpoint.clone()];
+    let a = support::limiter_on_with(
+        endpoints.clone(),
+        &prefix,
+        100,
+        support::escrow_everywhere(),
+    )
+    .await;
+    let b = support::limiter_on_with(endpoints, &prefix, 100, support::escrow_everywhere()).await;
+    set_limit(&mut client(a.addr), "AC1", "crash", 10, false).await;
+    poll_until(
+        "an even split over A and B",
+        Duration::from_secs(15),
+        || split_evenly(a.addr, vec![a.addr, b.addr]),
+    )
+    .await;
+    let owner = owner_of(a.addr, "AC1", "crash").await;
+    let (owner, survivor) = if owner == a.addr.to_string() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let mut co = client(owner.addr);
+    ready(&co, "AC1", "crash").await;
+    let mut last = 0;
+    for _ in 0..4 {
+        let answer = acquire(&mut co, "AC1", "crash", 2).await;
+        assert!(granted(&answer));
+        last = last.max(answer.fencing_token);
+    }
+    owner.crash();
+    let mut cs = client(survivor.addr);
+    // The survivor knows nothing of the four holders, only the owner's escrow block: it
+    // counts the whole block as held, so it grants nothing beyond what the limit allows.
+    let first = poll_until(
+        "the survivor to serve the key after the crash",
+        Duration::from_secs(20),
+        || {
+            let mut cs = cs.clone();
+            async move { usage(&mut cs, "AC1", "crash").await.ok() }
+        },
+    )
+    .await;
+    assert!(
+        first.in_flight > 4,
+        "the block was not counted whole (were blocks in use?): {first:?}"
+    );
+    let mut granted_now = 0;
+    while granted(&acquire(&mut cs, "AC1", "crash", 60).await) {
+        granted_now += 1;
+        assert!(
+            granted_now <= 6,
+            "over-admission: more than 10 - 4 granted after the crash"
+        );
+    }
+    // Converges: the block expires (it covered holds of 2 s) and its capacity comes back.
+    let answer = poll_until(
+        "the dead owner's block to expire",
+        Duration::from_secs(60),
+        || {
+            let mut cs = cs.clone();
+            async move { Some(acquire(&mut cs, "AC1", "crash", 60).await).filter(granted) }
+        },
+    )
+    .await;
+    assert!(
+        answer.fencing_token > last,
+        "token {} not above the dead owner's {last}",
+        answer.fencing_token
+    );
+    let _ = &mut co;
+    survivor.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_shard_map_names_each_keys_owner_and_forwarded_replies_say_so() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(support::limiter(&etcd, &prefix, 100).await);
+    }
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    let split = poll_until("an even 16/16/16 split", Duration::from_secs(15), || {
+        split_evenly(addrs[0], addrs.clone())
+    })
+    .await;
+    assert!(split.values().all(|n| *n == 16), "{split:?}");
+    let map = shard_map(&mut client(addrs[1])).await.unwrap();
+    let mut members = map.members.clone();
+    members.sort();
+    let mut expected: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    expected.sort();
+    assert_eq!(members, expected);
+    for n in 0..8 {
+        let resource = format!("mapped-{n}");
+        let owner = owner_of(addrs[0], "AC1", &resource).await;
+        for addr in &addrs {
+            let mut c = client(*addr);
+            let response = c
+                .acquire(Tokens::request(
+                    &admin(),
+                    acquire_req("AC1", &resource, "", 30, 0),
+                ))
+                .await
+                .unwrap();
+            let forwarded = response.metadata().get("x-switchboard-forwarded").is_some();
+            assert_eq!(
+                forwarded,
+                addr.to_string() != owner,
+                "{resource} via {addr} (owner {owner})"
+            );
+            let answer = response.into_inner();
+            assert!(granted(&answer), "{answer:?}");
+            assert!(release(&mut c, &answer.slot_id).await);
+        }
+    }
+    for r in replicas {
+        r.shutdown().await.unwrap();
+    }
 }

@@ -43,6 +43,35 @@ pub async fn limiter_on(
     .await
 }
 
+/// limiter-svc in-process against these etcd endpoints, with these limiter flags.
+pub async fn limiter_on_with(
+    endpoints: Vec<String>,
+    prefix: &str,
+    default_limit: u32,
+    limiter: limiter_svc::LimiterArgs,
+) -> InProcess<ServeError> {
+    let args = limiter_svc::ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        default_limit,
+        common: integration::common_args_for(endpoints, prefix),
+    };
+    serve_in_process(move |listener, stop| {
+        limiter_svc::run_with(args, limiter, listener, async move {
+            let _ = stop.await;
+        })
+    })
+    .await
+}
+
+/// Limiter flags that grant from escrow blocks on every limited key (even small limits),
+/// so the tests exercise blocks with limits they can fill.
+pub fn escrow_everywhere() -> limiter_svc::LimiterArgs {
+    limiter_svc::LimiterArgs {
+        escrow_min_limit: 1,
+        ..Default::default()
+    }
+}
+
 /// limiter-svc in-process with these flags.
 pub async fn limiter_with(args: limiter_svc::ServeArgs) -> InProcess<ServeError> {
     serve_in_process(move |listener, stop| {

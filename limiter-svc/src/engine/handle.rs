@@ -35,6 +35,8 @@ pub struct AcquireReply {
     pub expire_ms: u64,
     /// Granted only because the limit is in shadow mode.
     pub shadow: bool,
+    /// When granted: the slot's fencing token.
+    pub fencing_token: u64,
 }
 
 /// Usage of one key as the owner sees it.
@@ -67,8 +69,10 @@ pub enum Command {
     Acquire(AcquireSpec, Reply<AcquireReply>),
     /// Release a slot; `account` None for platform callers (any account).
     Release(SlotId, Option<String>, Reply<bool>),
-    /// Renew a slot to `hold_secs` from now; answers the new expiry.
-    Renew(SlotId, Option<String>, u32, Reply<u64>),
+    /// Renew a slot to `hold_secs` from now; answers the new expiry and the slot's token.
+    Renew(SlotId, Option<String>, u32, Reply<(u64, u64)>),
+    /// Shut down: hand every shard off and claim nothing more.
+    Leave,
     /// Usage of one key.
     Usage(SlotKey, Reply<UsageReply>),
     /// Usage of every key of an account in the shards owned here.
@@ -80,6 +84,7 @@ pub enum Command {
 pub struct EngineHandle {
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) owned: watch::Receiver<Vec<u16>>,
+    pub(super) held: watch::Receiver<usize>,
 }
 
 impl EngineHandle {
@@ -107,6 +112,18 @@ impl EngineHandle {
             return Vec::new();
         }
         answer.await.unwrap_or_default()
+    }
+
+    /// Hands every shard off (planned: escrow slots are written out exactly) and waits, at
+    /// most `within`, until none is held here any more. Answers whether all were.
+    pub async fn leave(&self, within: std::time::Duration) -> bool {
+        if self.tx.send(Command::Leave).await.is_err() {
+            return false;
+        }
+        let mut held = self.held.clone();
+        tokio::time::timeout(within, held.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Shards this replica currently owns and serves.

@@ -14,6 +14,7 @@
 //! replica lease expired and another replica claimed it), the txn fails and nothing of it
 //! applies; the engine then drops or reloads the shard.
 
+mod escrow;
 mod handle;
 mod shards;
 mod store;
@@ -30,12 +31,14 @@ use crate::model::{AcquireSpec, SHARDS, SlotId, SlotKey, now_ms};
 use crate::stats::{EngineStats, ResourceLabels};
 use crate::table::{Decision, KeyState, Slot, SlotTable};
 
+use escrow::Block;
+pub use escrow::MAX_ESCROW_HOLD_SECS;
 use handle::Reply;
 pub use handle::{AcquireReply, Command, EngineError, EngineHandle, UsageReply};
 use shards::ShardState;
 pub use shards::{Owner, View};
 pub use store::shard_key;
-use store::{Write, commit};
+use store::{ShardRecords, Write, commit};
 
 /// etcd's default `--max-txn-ops` is 128; leave room for the fencing compares' sake.
 pub const MAX_TXN_OPS: usize = 120;
@@ -70,7 +73,12 @@ pub struct EngineConfig {
     pub view: watch::Receiver<View>,
     /// Where the engine's metrics go.
     pub stats: EngineStats,
+    /// Keys whose limit is at least this are granted from escrow blocks (0: never).
+    pub escrow_min_limit: u32,
 }
+
+/// Bits of a fencing token below the revision: grants numbered within one revision.
+const TOKEN_SEQ_BITS: u32 = 24;
 
 enum Ack {
     Grant {
@@ -79,18 +87,23 @@ enum Ack {
         limit: u32,
         shadow: bool,
     },
-    Renew(Reply<u64>),
+    Renew(Reply<(u64, u64)>),
 }
 
 enum Event {
     Committed {
         writes: Vec<Write>,
         leases: Vec<(u64, i64)>,
-        result: Result<(), EtcdError>,
+        result: Result<i64, EtcdError>,
     },
     Loaded {
         shard: u16,
-        result: Result<Option<(i64, Vec<Slot>)>, EtcdError>,
+        result: Result<Option<(i64, ShardRecords)>, EtcdError>,
+    },
+    HandedOff {
+        shard: u16,
+        leases: Vec<(u64, i64)>,
+        result: Result<i64, EtcdError>,
     },
 }
 
@@ -137,6 +150,7 @@ impl InFlight {
 pub fn start(config: EngineConfig) -> EngineHandle {
     let (tx, rx) = mpsc::channel(4096);
     let (owned_tx, owned) = watch::channel(Vec::new());
+    let (held_tx, held) = watch::channel(0);
     let (events_tx, events) = mpsc::unbounded_channel();
     let engine = Engine {
         shards: (0..SHARDS)
@@ -148,13 +162,17 @@ pub fn start(config: EngineConfig) -> EngineHandle {
         in_flight: InFlight::default(),
         loading: HashSet::new(),
         leases: HashMap::new(),
+        blocks: HashMap::new(),
+        fences: vec![(0, 0); usize::from(SHARDS)],
+        leaving: false,
         owned: owned_tx,
+        held: held_tx,
         events: events_tx,
         next_cleanup_ms: 0,
         config,
     };
     tokio::spawn(engine.run(rx, events));
-    EngineHandle { tx, owned }
+    EngineHandle { tx, owned, held }
 }
 
 struct Engine {
@@ -169,7 +187,15 @@ struct Engine {
     loading: HashSet<u16>,
     /// Bucket lease per expiry second.
     leases: HashMap<u64, i64>,
+    /// Escrow block per key that has one.
+    blocks: HashMap<SlotKey, Block>,
+    /// Per shard: (revision, grants numbered since) — the source of fencing tokens.
+    fences: Vec<(i64, u32)>,
+    /// Shutting down: hand every shard off, claim nothing.
+    leaving: bool,
     owned: watch::Sender<Vec<u16>>,
+    /// Shards in any state but unowned.
+    held: watch::Sender<usize>,
     events: mpsc::UnboundedSender<Event>,
     next_cleanup_ms: u64,
 }
@@ -231,6 +257,11 @@ impl Engine {
                 let result = self.owned_shard(key.shard()).map(|()| self.usage(&key));
                 let _ = reply.send(result);
             }
+            Command::Leave => {
+                tracing::info!("leaving: handing every shard off");
+                self.leaving = true;
+                self.rebalance();
+            }
             Command::ListUsage(account, reply) => {
                 let keys: Vec<SlotKey> = self
                     .table
@@ -256,6 +287,7 @@ impl Engine {
         }
         let (limit, _) = self.config.limits.effective(&spec.key);
         let now = now_ms();
+        let escrow = self.escrow_eligible(&spec.request_id, spec.hold_secs, limit);
         let (decision, reply) = self.table.decide(
             &spec.key,
             &spec.request_id,
@@ -263,27 +295,41 @@ impl Engine {
             spec.wait_ms,
             limit,
             now,
+            escrow,
             reply,
         );
         let Some(reply) = reply else { return }; // queued
         let max = limit.map_or(0, |l| l.max_in_flight);
         match decision {
             Decision::Grant {
-                slot,
+                mut slot,
                 in_flight,
                 shadow,
             } => {
+                let Some(token) = self.next_token(slot.id.shard()) else {
+                    self.table.remove(&slot.id);
+                    self.bump_fence(&spec.key);
+                    let _ = reply.send(Err(EngineError::Unavailable(
+                        "fencing tokens of this shard are exhausted until its next write; retry"
+                            .into(),
+                    )));
+                    return;
+                };
+                slot.token = token;
+                self.table.set_token(&slot.id, token);
                 self.config.stats.granted(&spec.key.resource);
-                self.acks
-                    .entry(slot.id.clone())
-                    .or_default()
-                    .push(Ack::Grant {
-                        reply,
-                        in_flight,
-                        limit: max,
-                        shadow,
-                    });
-                self.pending.push(Write::Put(slot));
+                let ack = Ack::Grant {
+                    reply,
+                    in_flight,
+                    limit: max,
+                    shadow,
+                };
+                if slot.escrow {
+                    self.escrow_grant(slot, ack);
+                } else {
+                    self.acks.entry(slot.id.clone()).or_default().push(ack);
+                    self.pending.push(Write::Put(slot));
+                }
             }
             Decision::Existing(slot) if slot.committed => {
                 let in_flight = self.table.key(&spec.key).map_or(0, KeyState::held);
@@ -321,12 +367,20 @@ impl Engine {
         let Some(slot) = self.table.remove(id) else {
             return Ok(false);
         };
-        self.pending.push(Write::Delete(id.shard(), id.clone()));
+        if !slot.escrow {
+            self.pending.push(Write::Delete(id.shard(), id.clone()));
+        }
         self.drain_queue(&slot.key);
         Ok(true)
     }
 
-    fn renew(&mut self, id: SlotId, account: Option<&str>, hold_secs: u32, reply: Reply<u64>) {
+    fn renew(
+        &mut self,
+        id: SlotId,
+        account: Option<&str>,
+        hold_secs: u32,
+        reply: Reply<(u64, u64)>,
+    ) {
         if let Err(err) = self.owned_shard(id.shard()) {
             let _ = reply.send(Err(err));
             return;
@@ -343,6 +397,7 @@ impl Engine {
             .table
             .renew(&id, now_ms() + u64::from(hold_secs) * 1000)
         {
+            Some(slot) if slot.escrow => self.escrow_renew(slot, Ack::Renew(reply)),
             Some(slot) => {
                 self.acks.entry(id).or_default().push(Ack::Renew(reply));
                 self.pending.push(Write::Put(slot));
@@ -387,6 +442,10 @@ impl Engine {
         }
         self.leases.retain(|bucket, _| *bucket * 1000 > now);
         if now >= self.next_cleanup_ms {
+            self.maintain_blocks();
+            for shard in 0..SHARDS {
+                self.try_hand_off(shard);
+            }
             self.table.forget_idle(now, IDLE_KEY_MS);
             self.publish_gauges();
             self.next_cleanup_ms = now + 1000;
@@ -406,7 +465,11 @@ impl Engine {
             .table
             .drain_queue(key, limit, now, |reply| !reply.is_closed());
         let max = limit.map_or(0, |l| l.max_in_flight);
-        for (slot, in_flight, reply) in granted {
+        for (mut slot, in_flight, reply) in granted {
+            // Queued grants are exact and always written, so the shard's revision moves
+            // on well before its sequence could run out.
+            slot.token = self.next_token(slot.id.shard()).unwrap_or(u64::MAX);
+            self.table.set_token(&slot.id, slot.token);
             self.config.stats.granted(&key.resource);
             self.acks
                 .entry(slot.id.clone())
@@ -447,7 +510,9 @@ impl Engine {
         let mut fences = Vec::new();
         for shard in batch.iter().map(Write::shard).collect::<HashSet<_>>() {
             // A shard lost while its writes were queued gets no fence, and its writes are dropped.
-            if let ShardState::Owned { claim_revision } = self.shards[usize::from(shard)] {
+            if let ShardState::Owned { claim_revision }
+            | ShardState::HandingOff { claim_revision, .. } = self.shards[usize::from(shard)]
+            {
                 fences.push((shard, claim_revision));
             }
         }
@@ -492,11 +557,19 @@ impl Engine {
                 let drained = self.in_flight.end(&writes);
                 self.leases.extend(leases);
                 match result {
-                    Ok(()) => {
+                    Ok(revision) => {
+                        let shards: HashSet<u16> = writes.iter().map(Write::shard).collect();
+                        for shard in shards {
+                            self.raise_fence(shard, revision);
+                        }
                         for write in writes {
-                            if let Write::Put(slot) = write {
-                                self.table.mark_committed(&slot.id);
-                                self.answer_acks(&slot);
+                            match write {
+                                Write::Put(slot) => {
+                                    self.table.mark_committed(&slot.id);
+                                    self.answer_acks(&slot);
+                                }
+                                Write::Block(record) => self.block_committed(&record),
+                                Write::Delete(..) => {}
                             }
                         }
                     }
@@ -518,9 +591,15 @@ impl Engine {
                 // everything any of them committed.
                 for shard in drained {
                     self.start_reload_if_waiting(shard);
+                    self.try_hand_off(shard);
                 }
             }
             Event::Loaded { shard, result } => self.on_loaded(shard, result),
+            Event::HandedOff {
+                shard,
+                leases,
+                result,
+            } => self.on_handed_off(shard, leases, result),
         }
     }
 
@@ -536,9 +615,38 @@ impl Engine {
                     let _ = reply.send(Ok(granted(slot, in_flight, limit, shadow)));
                 }
                 Ack::Renew(reply) => {
-                    let _ = reply.send(Ok(slot.expire_ms));
+                    let _ = reply.send(Ok((slot.expire_ms, slot.token)));
                 }
             }
+        }
+    }
+
+    /// The next fencing token of `shard`: its latest revision known here, then a sequence
+    /// number. None when the sequence is exhausted (until the shard's next write).
+    fn next_token(&mut self, shard: u16) -> Option<u64> {
+        let (revision, seq) = &mut self.fences[usize::from(shard)];
+        if *seq >= (1 << TOKEN_SEQ_BITS) - 1 {
+            return None;
+        }
+        *seq += 1;
+        Some(((*revision).max(0) as u64) << TOKEN_SEQ_BITS | u64::from(*seq))
+    }
+
+    /// Moves `shard`'s token revision forward to `revision` (never back).
+    fn raise_fence(&mut self, shard: u16, revision: i64) {
+        let fence = &mut self.fences[usize::from(shard)];
+        if revision > fence.0 {
+            *fence = (revision, 0);
+        }
+    }
+
+    /// Gets a write of `key`'s shard going, so its token revision moves on.
+    fn bump_fence(&mut self, key: &SlotKey) {
+        if self.blocks.contains_key(key) {
+            if let Some(block) = self.blocks.get_mut(key) {
+                block.again = true;
+            }
+            self.write_block(key);
         }
     }
 
@@ -578,6 +686,7 @@ impl Engine {
 
 fn granted(slot: &Slot, in_flight: u32, limit: u32, shadow: bool) -> AcquireReply {
     AcquireReply {
+        fencing_token: slot.token,
         granted: true,
         slot_id: slot.id.as_str().to_owned(),
         in_flight,
@@ -597,5 +706,6 @@ fn rejected(in_flight: u32, limit: u32, retry_after_ms: u32) -> AcquireReply {
         retry_after_ms,
         expire_ms: 0,
         shadow: false,
+        fencing_token: 0,
     }
 }

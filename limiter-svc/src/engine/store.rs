@@ -1,5 +1,6 @@
-//! The etcd side of the engine: slot records, group-committed fenced txns, bucket leases,
-//! and reading a shard back in the txn that claims it.
+//! The etcd side of the engine: slot and block records, group-committed fenced txns,
+//! bucket leases, reading a shard back in the txn that claims it, and the planned handoff
+//! that writes a shard out exactly and vacates it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,20 +11,44 @@ use plumbing::etcd::{EtcdError, EtcdSession};
 use crate::model::{SlotId, SlotKey, now_ms};
 use crate::table::Slot;
 
-/// A slot record as stored in etcd.
+/// A slot or block record as stored in etcd.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct SlotRecord {
     a: String,
     r: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     q: String,
     e: u64,
+    /// Fencing token (slots).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    f: u64,
+    /// Block count: > 0 marks an escrow block of `n` slots, all held until `e`.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    n: u32,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+/// An escrow block record: `count` slots of `key`, every one held until `expire_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct BlockRecord {
+    pub id: SlotId,
+    pub key: SlotKey,
+    pub count: u32,
+    pub expire_ms: u64,
 }
 
 #[derive(Debug)]
 pub(super) enum Write {
     Put(Slot),
     Delete(u16, SlotId),
+    Block(BlockRecord),
 }
 
 impl Write {
@@ -31,6 +56,7 @@ impl Write {
         match self {
             Write::Put(slot) => &slot.id,
             Write::Delete(_, id) => id,
+            Write::Block(block) => &block.id,
         }
     }
 
@@ -53,7 +79,104 @@ fn bucket_of(expire_ms: u64) -> u64 {
     expire_ms.div_ceil(1000) + 1
 }
 
-pub(super) type CommitOutcome = (Vec<Write>, Vec<(u64, i64)>, Result<(), EtcdError>);
+/// What a commit hands back: its writes, the bucket leases it granted, and the revision it
+/// committed at.
+pub(super) type CommitOutcome = (Vec<Write>, Vec<(u64, i64)>, Result<i64, EtcdError>);
+
+/// Grants the bucket leases `writes` need that `leases` lacks; records them in `leases`
+/// and `granted`.
+async fn grant_buckets(
+    session: &EtcdSession,
+    writes: &[Write],
+    leases: &mut HashMap<u64, i64>,
+    granted: &mut Vec<(u64, i64)>,
+) -> Result<(), EtcdError> {
+    let mut client = session.client();
+    let buckets: HashSet<u64> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Put(s) => Some(bucket_of(s.expire_ms)),
+            Write::Block(b) => Some(bucket_of(b.expire_ms)),
+            Write::Delete(..) => None,
+        })
+        .collect();
+    for bucket in buckets {
+        if leases.contains_key(&bucket) {
+            continue;
+        }
+        let ttl = (bucket * 1000)
+            .saturating_sub(now_ms())
+            .div_ceil(1000)
+            .max(2) as i64;
+        let lease = session.bounded(client.lease_grant(ttl, None)).await?;
+        leases.insert(bucket, lease.id());
+        granted.push((bucket, lease.id()));
+    }
+    Ok(())
+}
+
+fn record_put(session: &EtcdSession, id: &SlotId, record: &SlotRecord, lease: i64) -> TxnOp {
+    TxnOp::put(
+        format!("{}{}", slots_prefix(session, id.shard()), id.as_str()),
+        serde_json::to_vec(record).unwrap_or_default(),
+        Some(PutOptions::new().with_lease(lease)),
+    )
+}
+
+fn op_of(session: &EtcdSession, write: &Write, leases: &HashMap<u64, i64>) -> TxnOp {
+    let lease_for = |expire_ms: u64| leases.get(&bucket_of(expire_ms)).copied().unwrap_or(0);
+    match write {
+        Write::Put(slot) => {
+            let record = SlotRecord {
+                a: slot.key.account.clone(),
+                r: slot.key.resource.clone(),
+                q: slot.request_id.clone(),
+                e: slot.expire_ms,
+                f: slot.token,
+                n: 0,
+            };
+            record_put(session, &slot.id, &record, lease_for(slot.expire_ms))
+        }
+        Write::Block(block) => {
+            let record = SlotRecord {
+                a: block.key.account.clone(),
+                r: block.key.resource.clone(),
+                q: String::new(),
+                e: block.expire_ms,
+                f: 0,
+                n: block.count,
+            };
+            record_put(session, &block.id, &record, lease_for(block.expire_ms))
+        }
+        Write::Delete(shard, id) => TxnOp::delete(
+            format!("{}{}", slots_prefix(session, *shard), id.as_str()),
+            None,
+        ),
+    }
+}
+
+fn fences_of(session: &EtcdSession, fences: &[(u16, i64)]) -> Vec<Compare> {
+    fences
+        .iter()
+        .map(|(shard, rev)| {
+            Compare::create_revision(shard_key(session, *shard), CompareOp::Equal, *rev)
+        })
+        .collect()
+}
+
+async fn fenced_txn(
+    session: &EtcdSession,
+    fences: &[(u16, i64)],
+    ops: Vec<TxnOp>,
+) -> Result<i64, EtcdError> {
+    let mut client = session.client();
+    let txn = Txn::new().when(fences_of(session, fences)).and_then(ops);
+    match session.bounded(client.txn(txn)).await {
+        Ok(response) if response.succeeded() => Ok(response.header().map_or(0, |h| h.revision())),
+        Ok(_) => Err(EtcdError::Unavailable("shard ownership changed".into())),
+        Err(err) => Err(err),
+    }
+}
 
 /// Grants missing bucket leases, then commits the batch fenced by `fences`.
 pub(super) fn commit(
@@ -65,74 +188,53 @@ pub(super) fn commit(
     Box::pin(async move {
         let mut granted = Vec::new();
         let mut leases = known;
-        let mut client = session.client();
-        let buckets: HashSet<u64> = writes
-            .iter()
-            .filter_map(|w| {
-                if let Write::Put(s) = w {
-                    Some(bucket_of(s.expire_ms))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        for bucket in buckets {
-            if leases.contains_key(&bucket) {
-                continue;
-            }
-            let ttl = (bucket * 1000)
-                .saturating_sub(now_ms())
-                .div_ceil(1000)
-                .max(2) as i64;
-            match session.bounded(client.lease_grant(ttl, None)).await {
-                Ok(lease) => {
-                    leases.insert(bucket, lease.id());
-                    granted.push((bucket, lease.id()));
-                }
-                Err(err) => return (writes, granted, Err(err)),
-            }
+        if let Err(err) = grant_buckets(&session, &writes, &mut leases, &mut granted).await {
+            return (writes, granted, Err(err));
         }
-        let compares: Vec<Compare> = fences
-            .iter()
-            .map(|(shard, rev)| {
-                Compare::create_revision(shard_key(&session, *shard), CompareOp::Equal, *rev)
-            })
-            .collect();
-        let ops: Vec<TxnOp> = writes
-            .iter()
-            .map(|write| match write {
-                Write::Put(slot) => {
-                    let record = SlotRecord {
-                        a: slot.key.account.clone(),
-                        r: slot.key.resource.clone(),
-                        q: slot.request_id.clone(),
-                        e: slot.expire_ms,
-                    };
-                    let lease = leases.get(&bucket_of(slot.expire_ms)).copied().unwrap_or(0);
-                    TxnOp::put(
-                        format!(
-                            "{}{}",
-                            slots_prefix(&session, slot.id.shard()),
-                            slot.id.as_str()
-                        ),
-                        serde_json::to_vec(&record).unwrap_or_default(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )
-                }
-                Write::Delete(shard, id) => TxnOp::delete(
-                    format!("{}{}", slots_prefix(&session, *shard), id.as_str()),
-                    None,
-                ),
-            })
-            .collect();
-        let txn = Txn::new().when(compares).and_then(ops);
-        let result = match session.bounded(client.txn(txn)).await {
-            Ok(response) if response.succeeded() => Ok(()),
-            Ok(_) => Err(EtcdError::Unavailable("shard ownership changed".into())),
-            Err(err) => Err(err),
-        };
+        let ops = writes.iter().map(|w| op_of(&session, w, &leases)).collect();
+        let result = fenced_txn(&session, &fences, ops).await;
         (writes, granted, result)
     })
+}
+
+/// A planned handoff: writes every escrow slot of `shard` as an exact record, deletes its
+/// blocks, and deletes the ownership key — in fenced txns of at most [`super::MAX_TXN_OPS`]
+/// operations, the slots first, so that every prefix of the sequence that commits leaves
+/// etcd counting at least every slot held (a block goes only after, or with, its slots).
+pub(super) async fn hand_off(
+    session: EtcdSession,
+    shard: u16,
+    claim_revision: i64,
+    slots: Vec<Slot>,
+    blocks: Vec<SlotId>,
+    known: HashMap<u64, i64>,
+) -> (Vec<(u64, i64)>, Result<i64, EtcdError>) {
+    let mut granted = Vec::new();
+    let mut leases = known;
+    let fences = [(shard, claim_revision)];
+    let mut writes: Vec<Write> = slots.into_iter().map(Write::Put).collect();
+    writes.extend(blocks.into_iter().map(|id| Write::Delete(shard, id)));
+    if let Err(err) = grant_buckets(&session, &writes, &mut leases, &mut granted).await {
+        return (granted, Err(err));
+    }
+    let mut ops: Vec<TxnOp> = writes.iter().map(|w| op_of(&session, w, &leases)).collect();
+    ops.push(TxnOp::delete(shard_key(&session, shard), None));
+    let mut revision = 0;
+    while !ops.is_empty() {
+        let rest = ops.split_off(ops.len().min(super::MAX_TXN_OPS));
+        match fenced_txn(&session, &fences, std::mem::replace(&mut ops, rest)).await {
+            Ok(rev) => revision = rev,
+            Err(err) => return (granted, Err(err)),
+        }
+    }
+    (granted, Ok(revision))
+}
+
+/// What a shard's records say: its exact slots and the blocks counted as fully held.
+#[derive(Debug, Default)]
+pub(super) struct ShardRecords {
+    pub slots: Vec<Slot>,
+    pub blocks: Vec<BlockRecord>,
 }
 
 pub(super) enum Fence {
@@ -146,13 +248,13 @@ pub(super) enum Fence {
     Owned(i64),
 }
 
-/// Reads a shard's slots in the same txn that claims it or proves it is still ours. Ok(None):
-/// not ours.
+/// Reads a shard's records in the same txn that claims it or proves it is still ours.
+/// Ok(None): not ours.
 pub(super) async fn load_shard(
     session: EtcdSession,
     shard: u16,
     fence: Fence,
-) -> Result<Option<(i64, Vec<Slot>)>, EtcdError> {
+) -> Result<Option<(i64, ShardRecords)>, EtcdError> {
     let key = shard_key(&session, shard);
     let prefix = slots_prefix(&session, shard);
     let read = TxnOp::get(prefix.clone(), Some(GetOptions::new().with_prefix()));
@@ -192,7 +294,7 @@ pub(super) async fn load_shard(
         Fence::Claim { .. } => response.header().map_or(0, |h| h.revision()),
         Fence::Owned(rev) => rev,
     };
-    let mut slots = Vec::new();
+    let mut records = ShardRecords::default();
     for op in response.op_responses() {
         if let TxnOpResponse::Get(get) = op {
             for kv in get.kvs() {
@@ -210,18 +312,30 @@ pub(super) async fn load_shard(
                     tracing::warn!(key = ?kv.key_str(), "ignoring unreadable slot record");
                     continue;
                 };
-                slots.push(Slot {
-                    id,
-                    key: SlotKey {
-                        account: record.a,
-                        resource: record.r,
-                    },
-                    request_id: record.q,
-                    expire_ms: record.e,
-                    committed: true,
-                });
+                let key = SlotKey {
+                    account: record.a,
+                    resource: record.r,
+                };
+                if record.n > 0 {
+                    records.blocks.push(BlockRecord {
+                        id,
+                        key,
+                        count: record.n,
+                        expire_ms: record.e,
+                    });
+                } else {
+                    records.slots.push(Slot {
+                        id,
+                        key,
+                        request_id: record.q,
+                        expire_ms: record.e,
+                        committed: true,
+                        escrow: false,
+                        token: record.f,
+                    });
+                }
             }
         }
     }
-    Ok(Some((claim_revision, slots)))
+    Ok(Some((claim_revision, records)))
 }

@@ -39,6 +39,14 @@ pub struct Claims {
     pub jti: Option<String>,
 }
 
+impl Claims {
+    /// The first second (unix) at which the token is refused as expired: `exp` plus the
+    /// tolerated clock skew.
+    pub fn refused_from(&self) -> i64 {
+        self.exp.saturating_add(CLOCK_SKEW_SECS)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
     alg: String,
@@ -146,7 +154,7 @@ impl Unverified<'_> {
         // overflowed (a panic with overflow checks; without them a negative `iat` wrapped
         // `exp - iat` past the lifetime check: fuzz/regressions/jwt_verify). Saturation
         // keeps every comparison with `now` exact.
-        if claims.exp.saturating_add(CLOCK_SKEW_SECS) <= now {
+        if claims.refused_from() <= now {
             return Err(AuthError::Expired { exp: claims.exp });
         }
         if let Some(nbf) = claims.nbf

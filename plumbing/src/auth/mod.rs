@@ -5,8 +5,10 @@
 //! account key stored in etcd under `<prefix>/keys/<kid>` and mirrored into every replica by
 //! a watch, so disabling a key takes effect everywhere within the watch latency.
 //! [`AuthLayer`] verifies the token once per request and leaves a [`Caller`] in the request
-//! extensions; handlers then ask the caller for scopes and accounts.
+//! extensions; handlers then ask the caller for scopes and accounts. Verified tokens are
+//! cached for at most a second (`cache`), so a disabled key still takes effect within one.
 
+mod cache;
 pub mod jwt;
 pub mod keys;
 mod layer;
@@ -247,6 +249,8 @@ pub struct Verifier {
     /// A second platform key accepted during a rotation (never used to sign).
     accepted: Option<(String, Arc<[u8]>)>,
     keys: AccountKeys,
+    /// Tokens verified within the current second, shared by clones.
+    cache: Arc<cache::TokenCache>,
 }
 
 /// Where a [`Verifier`] looks account keys up.
@@ -264,6 +268,7 @@ impl Verifier {
         Self {
             platform: platform.map(|(id, secret)| (id, Arc::from(secret))),
             accepted: None,
+            cache: Arc::default(),
             keys: keys.map_or_else(
                 || AccountKeys::Fixed(Arc::default()),
                 |store| AccountKeys::Mirrored(Box::new(store)),
@@ -288,6 +293,8 @@ impl Verifier {
     /// rotation.
     pub fn accepting(mut self, key: Option<(String, Vec<u8>)>) -> Self {
         self.accepted = key.map(|(id, secret)| (id, Arc::from(secret)));
+        // What was verified under the old set of keys is not reused under the new one.
+        self.cache = Arc::default();
         self
     }
 
@@ -298,7 +305,8 @@ impl Verifier {
         }
     }
 
-    /// Verifies an `authorization` metadata value at time `now` (unix seconds).
+    /// Verifies an `authorization` metadata value at time `now` (unix seconds). A token
+    /// verified within the same second (and not expired) is taken from the cache.
     pub fn verify(&self, authorization: Option<&str>, now: i64) -> Result<Caller, AuthError> {
         let value = authorization.ok_or(AuthError::Missing)?;
         let token = value
@@ -307,6 +315,17 @@ impl Verifier {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::NotBearer)?;
+        let key = cache::digest(token);
+        if let Some(caller) = self.cache.get(&key, now) {
+            return Ok(caller);
+        }
+        let (caller, refused_from) = self.verify_token(token, now)?;
+        self.cache.insert(key, caller.clone(), now, refused_from);
+        Ok(caller)
+    }
+
+    /// Fully verifies `token` at `now`: its caller, and the second its expiry refuses it.
+    fn verify_token(&self, token: &str, now: i64) -> Result<(Caller, i64), AuthError> {
         let unverified = jwt::parse(token)?;
         let kid = unverified.key_id.clone();
         let platform = [&self.platform, &self.accepted]
@@ -315,7 +334,8 @@ impl Verifier {
             .find(|(platform_id, _)| *platform_id == kid);
         if let Some((_, secret)) = platform {
             let claims = unverified.verify(secret, now)?;
-            return Ok(caller(claims, true, kid));
+            let refused_from = claims.refused_from();
+            return Ok((caller(claims, true, kid), refused_from));
         }
         let key = self
             .account_key(&kid)
@@ -328,7 +348,8 @@ impl Verifier {
         if claims.sub != key.account_id {
             return Err(AuthError::SubjectMismatch(kid));
         }
-        Ok(caller(claims, false, kid))
+        let refused_from = claims.refused_from();
+        Ok((caller(claims, false, kid), refused_from))
     }
 }
 

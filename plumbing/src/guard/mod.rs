@@ -6,7 +6,10 @@
 //! request has been read ([`crate::refusal`]).
 //!
 //! Slots of long streams are renewed every [`RENEW_EVERY`] while the stream lives, so a
-//! replica that crashes mid-stream leaks nothing for longer than [`HOLD_SECS`].
+//! replica that crashes mid-stream leaks nothing for longer than [`HOLD_SECS`]. No task
+//! is spawned per call: one worker per guard renews every held slot from one timer and
+//! sends the releases (`slots`). Calls go straight to the shard's owner
+//! ([`LimiterClient`]).
 //!
 //! Platform callers (other Switchboard services) are not guarded: they act for every
 //! account at once, and limiting them by `*` would throttle all tenants together.
@@ -16,6 +19,8 @@
 //! limiter-svc cannot guard its own API through itself: [`GuardLayer::local`] is the same
 //! guard over a local per-account count of requests in flight ([`AccountQuota`]), with
 //! the same exemptions and the same RESOURCE_EXHAUSTED answer ([`exhausted`]).
+
+mod slots;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,15 +33,13 @@ use clap::Args;
 use futures::future::BoxFuture;
 use http_body::{Body, Frame};
 use proto::limiter::v1 as pb;
-use proto::limiter::v1::limiter_service_client::LimiterServiceClient;
-use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
+use self::slots::{HeldSlot, SlotKeeper};
 use crate::auth::{Caller, PUBLIC_PATH_PREFIXES, Scope};
 use crate::client::{CallCredentials, ClientTls};
+use crate::limiter::{LimiterClient, LimiterClientError};
 use crate::quota::{AccountQuota, QuotaPermit};
 use crate::refusal::refuse;
 
@@ -53,8 +56,9 @@ const LOCAL_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Flags of the API guard.
 #[derive(Debug, Clone, Args)]
 pub struct GuardArgs {
-    /// Address of limiter-svc (`host:port`). The API guard limits each account's in-flight
-    /// requests per RPC through it (resource `rpc:<path>`); without it the API is unguarded.
+    /// Address of limiter-svc (`host:port`, or several separated by commas, used in
+    /// turn). The API guard limits each account's in-flight requests per RPC through it
+    /// (resource `rpc:<path>`); without it the API is unguarded.
     #[arg(long = "limiter", env = "SWITCHBOARD_LIMITER")]
     pub limiter: Option<String>,
 
@@ -63,8 +67,6 @@ pub struct GuardArgs {
     #[arg(long, env = "SWITCHBOARD_GUARD_FAIL_CLOSED")]
     pub guard_fail_closed: bool,
 }
-
-type Limiter = LimiterServiceClient<InterceptedService<Channel, CallCredentials>>;
 
 /// See the module docs.
 #[derive(Clone)]
@@ -84,20 +86,26 @@ impl std::fmt::Debug for GuardLayer {
 }
 
 impl GuardLayer {
-    /// A guard calling limiter-svc at `address` (over `tls`), signing with the platform key.
+    /// A guard calling limiter-svc at `address` (over `tls`; a comma-separated list of
+    /// seed addresses), signing with `credentials`.
     pub fn new(
         address: &str,
         tls: &ClientTls,
         credentials: CallCredentials,
         fail_closed: bool,
-    ) -> Result<Self, tonic::transport::Error> {
-        let channel = crate::client::channel_with(address, tls)?;
-        let limiter = LimiterServiceClient::with_interceptor(channel, credentials);
-        Ok(Self {
-            backend: Backend::Limiter(Box::new(limiter)),
+    ) -> Result<Self, LimiterClientError> {
+        let limiter = LimiterClient::from_address(address, tls, credentials)?;
+        Ok(Self::with_limiter(limiter, fail_closed))
+    }
+
+    /// A guard acquiring through `limiter` (whose credentials need `limiter.acquire`), for
+    /// a service that shares one [`LimiterClient`] between the guard and its own calls.
+    pub fn with_limiter(limiter: LimiterClient, fail_closed: bool) -> Self {
+        Self {
+            backend: Backend::Limiter(Arc::new(SlotKeeper::new(limiter))),
             fail_closed,
             fail_open: Arc::default(),
-        })
+        }
     }
 
     /// A guard that needs no limiter: each account may have at most `max_inflight` requests
@@ -120,7 +128,7 @@ impl GuardLayer {
         args: &GuardArgs,
         common: &crate::config::CommonArgs,
         tls: &ClientTls,
-    ) -> Result<Option<Self>, tonic::transport::Error> {
+    ) -> Result<Option<Self>, LimiterClientError> {
         let (Some(address), Some(secret)) =
             (args.limiter.as_deref(), common.platform_secret.as_deref())
         else {
@@ -213,8 +221,8 @@ where
 /// Where a guard takes its decisions.
 #[derive(Clone)]
 enum Backend {
-    /// limiter-svc, resource `rpc:<path>`.
-    Limiter(Box<Limiter>),
+    /// limiter-svc, resource `rpc:<path>`; the keeper renews and releases the slots.
+    Limiter(Arc<SlotKeeper>),
     /// A count of requests in flight per account on this replica.
     Local(AccountQuota),
 }
@@ -241,8 +249,8 @@ pub fn exhausted(message: String, retry_after: Duration) -> tonic::Status {
 
 impl GuardLayer {
     async fn admit(&self, account: &str, path: &str) -> Admission {
-        let limiter = match &self.backend {
-            Backend::Limiter(limiter) => limiter,
+        let keeper = match &self.backend {
+            Backend::Limiter(keeper) => keeper,
             Backend::Local(quota) => {
                 return match quota.try_acquire(account) {
                     Ok(permit) => Admission::Granted(Held::Permit { _permit: permit }),
@@ -256,9 +264,9 @@ impl GuardLayer {
                 };
             }
         };
-        match self.acquire(limiter, account, path).await {
+        match self.acquire(keeper.limiter(), account, path).await {
             Ok(slot) => Admission::Granted(Held::Slot {
-                _slot: Box::new(HeldSlot::start((**limiter).clone(), slot)),
+                _slot: keeper.hold(slot),
             }),
             Err(admission) => admission,
         }
@@ -267,7 +275,7 @@ impl GuardLayer {
     /// A slot of `rpc:<path>`, or the admission when there is none.
     async fn acquire(
         &self,
-        limiter: &Limiter,
+        limiter: &LimiterClient,
         account: &str,
         path: &str,
     ) -> Result<String, Admission> {
@@ -278,11 +286,9 @@ impl GuardLayer {
             hold_seconds: HOLD_SECS,
             wait_timeout_ms: 0,
         };
-        let mut limiter = limiter.clone();
         let answer = tokio::time::timeout(LIMITER_DEADLINE, limiter.acquire(request)).await;
         match answer {
             Ok(Ok(answer)) => {
-                let answer = answer.into_inner();
                 if answer.decision == pb::Decision::Granted as i32 {
                     return Ok(answer.slot_id);
                 }
@@ -316,66 +322,9 @@ impl GuardLayer {
 /// What an admitted request holds for the life of its response body (only for its `Drop`).
 enum Held {
     /// A limiter slot, released when dropped.
-    Slot { _slot: Box<HeldSlot> },
+    Slot { _slot: HeldSlot },
     /// A unit of the local quota, given back when dropped.
     Permit { _permit: QuotaPermit },
-}
-
-/// A guard slot held for the life of a response body; released when the body is dropped.
-struct HeldSlot {
-    slot: String,
-    limiter: Limiter,
-    renewing: CancellationToken,
-}
-
-impl HeldSlot {
-    fn start(limiter: Limiter, slot: String) -> Self {
-        let renewing = CancellationToken::new();
-        let (token, mut client, id) = (renewing.clone(), limiter.clone(), slot.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(RENEW_EVERY) => {}
-                }
-                let renew = pb::RenewRequest {
-                    slot_id: id.clone(),
-                    hold_seconds: HOLD_SECS,
-                };
-                match tokio::time::timeout(LIMITER_DEADLINE, client.renew(renew)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(status)) => {
-                        tracing::debug!(code = ?status.code(), "API guard: could not renew a stream's slot");
-                    }
-                    Err(_) => tracing::debug!("API guard: a renewal got no answer in time"),
-                }
-            }
-        });
-        Self {
-            slot,
-            limiter,
-            renewing,
-        }
-    }
-}
-
-impl Drop for HeldSlot {
-    fn drop(&mut self) {
-        self.renewing.cancel();
-        let (mut limiter, slot_id) = (self.limiter.clone(), std::mem::take(&mut self.slot));
-        tokio::spawn(async move {
-            let release = limiter.release(pb::ReleaseRequest { slot_id });
-            match tokio::time::timeout(LIMITER_DEADLINE, release).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) => {
-                    tracing::debug!(code = ?status.code(), "API guard: release failed; the slot will expire");
-                }
-                Err(_) => tracing::debug!(
-                    "API guard: a release got no answer in time; the slot will expire"
-                ),
-            }
-        });
-    }
 }
 
 /// A response body that keeps its guard slot until it is done.
