@@ -217,7 +217,7 @@ async fn presence_sessions_stay_present_through_an_etcd_leader_kill() {
 /// held across it are counted exactly afterwards.
 ///
 /// Bounds checked: the longest time without a granted Acquire+Release pair (keys over
-/// all 16 shards, through both replicas) is under [`WRITE_OUTAGE_BOUND`], and failures are
+/// all 48 shards, through both replicas) is under [`WRITE_OUTAGE_BOUND`], and failures are
 /// UNAVAILABLE within the 5 s etcd deadline; afterwards a key
 /// at its limit of 3 with 3 slots taken before the kill is rejected with `in_flight` 3 on
 /// both replicas, and one release lets exactly one more in; no replica exits.

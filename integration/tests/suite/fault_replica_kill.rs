@@ -20,8 +20,8 @@ use proto::presence::v1 as pb;
 use tonic::{Code, Status};
 
 use crate::fault_support::{
-    Load, Watcher, acquire_request, admin, channel, device_token, limiter, presence_at, release,
-    resources_over_all_shards, set_limit,
+    LIMITER_SHARDS, Load, Watcher, acquire_request, admin, channel, device_token, limiter,
+    presence_at, release, resources_over_all_shards, set_limit, values_under,
 };
 use crate::presence_support::Session;
 
@@ -103,7 +103,8 @@ async fn a_client_of_a_killed_presence_replica_reconnects_elsewhere_and_stays_pr
 /// replica TTL, with their slots.
 ///
 /// Bounds checked: the longest time without a granted Acquire+Release pair through the
-/// survivor (keys over all 16 shards, the killed replica owning them all) is under
+/// survivor (keys over all 48 shards, the killed replica owning half of them once the
+/// survivor has joined) is under
 /// `--replica-ttl` + 3 s (the lease expiry, then the claim; calls on an orphaned shard
 /// wait up to 3 s for an owner); every key is granted again within that bound; failures
 /// in between are UNAVAILABLE within the services' deadline, never anything else; the
@@ -133,6 +134,18 @@ async fn a_killed_limiter_s_shards_are_served_again_within_the_replica_ttl() {
             .unwrap();
     }
     let survivor = ServiceProcess::start("limiter-svc", &etcd, &prefix, &[]).await;
+    let (doomed_addr, half) = (doomed.addr.to_string(), LIMITER_SHARDS as usize / 2);
+    poll_until(
+        "the survivor to take its half",
+        Duration::from_secs(10),
+        || async {
+            let shards_prefix = format!("{prefix}/limiter/shards/");
+            let values = values_under(&mut etcd.client().await, &shards_prefix).await;
+            let doomed_owns = values.iter().filter(|v| v.contains(&doomed_addr)).count();
+            (values.len() == 2 * half && doomed_owns == half).then_some(())
+        },
+    )
+    .await;
     for _ in 0..2 {
         let answer = limiter(survivor.addr)
             .acquire(Tokens::request(&admin(), acquire_request("held", 60, 0)))

@@ -141,10 +141,23 @@ pub async fn release(addr: SocketAddr, slot_id: &str) -> Result<bool, Status> {
     Ok(response.into_inner().released)
 }
 
-/// Resource names that together fall into every one of the limiter's 16 shards (more
-/// names than shards, so that all are hit whatever the hash).
+/// The limiter's shard count (`shard_count` of `GetShardMap`).
+pub const LIMITER_SHARDS: u64 = 48;
+
+/// Resource names of account [`ACCOUNT`] that together fall into every one of the
+/// limiter's [`LIMITER_SHARDS`] shards, one name per shard, found with the documented
+/// shard hash.
 pub fn resources_over_all_shards(stem: &str) -> Vec<String> {
-    (0..64).map(|i| format!("{stem}{i}")).collect()
+    let mut per_shard: Vec<Option<String>> = vec![None; LIMITER_SHARDS as usize];
+    for i in 0.. {
+        let name = format!("{stem}{i}");
+        let shard = plumbing::limiter::key_hash(ACCOUNT, &name) % LIMITER_SHARDS;
+        per_shard[shard as usize].get_or_insert(name);
+        if per_shard.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    per_shard.into_iter().flatten().collect()
 }
 
 /// One call made by a load worker.
