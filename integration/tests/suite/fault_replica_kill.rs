@@ -20,8 +20,8 @@ use proto::presence::v1 as pb;
 use tonic::{Code, Status};
 
 use crate::fault_support::{
-    LIMITER_SHARDS, Load, Watcher, acquire_request, admin, channel, device_token, limiter,
-    presence_at, release, resources_over_all_shards, set_limit, values_under,
+    Load, Watcher, acquire_request, admin, await_even_split_of_two, channel, device_token, limiter,
+    presence_at, release, resources_over_all_shards, set_limit,
 };
 use crate::presence_support::Session;
 
@@ -134,18 +134,7 @@ async fn a_killed_limiter_s_shards_are_served_again_within_the_replica_ttl() {
             .unwrap();
     }
     let survivor = ServiceProcess::start("limiter-svc", &etcd, &prefix, &[]).await;
-    let (doomed_addr, half) = (doomed.addr.to_string(), LIMITER_SHARDS as usize / 2);
-    poll_until(
-        "the survivor to take its half",
-        Duration::from_secs(10),
-        || async {
-            let shards_prefix = format!("{prefix}/limiter/shards/");
-            let values = values_under(&mut etcd.client().await, &shards_prefix).await;
-            let doomed_owns = values.iter().filter(|v| v.contains(&doomed_addr)).count();
-            (values.len() == 2 * half && doomed_owns == half).then_some(())
-        },
-    )
-    .await;
+    await_even_split_of_two(&etcd, &prefix, doomed.addr).await;
     for _ in 0..2 {
         let answer = limiter(survivor.addr)
             .acquire(Tokens::request(&admin(), acquire_request("held", 60, 0)))

@@ -27,9 +27,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::fault_support::{
-    ACCOUNT, Load, LoadReport, Watcher, acquire_request, admin, channel, device_task, device_token,
-    keys_under, limiter, presence, presence_at, put_app, put_dial_app, release,
-    resources_over_all_shards, route, route_on, router, set_limit, usage, values_under,
+    ACCOUNT, Load, LoadReport, Watcher, acquire_request, admin, await_even_split_of_two, channel,
+    device_task, device_token, keys_under, limiter, presence, presence_at, put_app, put_dial_app,
+    release, resources_over_all_shards, route, route_on, router, set_limit, usage, values_under,
 };
 use crate::presence_support::Session;
 
@@ -237,12 +237,7 @@ async fn a_limiter_replica_drains_on_sigterm_under_load() {
     };
     let shards_prefix = format!("{prefix}/limiter/shards/");
     // The joining replica takes its even half by planned handoff.
-    let half = (crate::fault_support::LIMITER_SHARDS / 2) as usize;
-    poll_until("an even split", Duration::from_secs(10), || async {
-        let values = values_under(&mut etcd.client().await, &shards_prefix).await;
-        (owned(&values) == half && values.len() == 2 * half).then_some(())
-    })
-    .await;
+    await_even_split_of_two(&etcd, &prefix, addr).await;
 
     let queued = tokio::spawn(async move {
         limiter(addr)

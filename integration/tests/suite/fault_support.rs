@@ -141,23 +141,44 @@ pub async fn release(addr: SocketAddr, slot_id: &str) -> Result<bool, Status> {
     Ok(response.into_inner().released)
 }
 
-/// The limiter's shard count (`shard_count` of `GetShardMap`).
-pub const LIMITER_SHARDS: u64 = 48;
-
 /// Resource names of account [`ACCOUNT`] that together fall into every one of the
-/// limiter's [`LIMITER_SHARDS`] shards, one name per shard, found with the documented
-/// shard hash.
+/// limiter's shards, one name per shard, found with the documented shard hash.
 pub fn resources_over_all_shards(stem: &str) -> Vec<String> {
-    let mut per_shard: Vec<Option<String>> = vec![None; LIMITER_SHARDS as usize];
+    let shards = u64::from(limiter_svc::model::SHARDS);
+    let mut per_shard: Vec<Option<String>> = vec![None; shards as usize];
     for i in 0.. {
         let name = format!("{stem}{i}");
-        let shard = plumbing::limiter::key_hash(ACCOUNT, &name) % LIMITER_SHARDS;
+        let shard = plumbing::limiter::key_hash(ACCOUNT, &name) % shards;
         per_shard[shard as usize].get_or_insert(name);
         if per_shard.iter().all(Option::is_some) {
             break;
         }
     }
     per_shard.into_iter().flatten().collect()
+}
+
+/// Polls etcd's shard ownership keys under `prefix` until two limiter replicas split the
+/// shards evenly: every shard owned, half of them by the replica at `one_of_them`.
+pub async fn await_even_split_of_two(
+    etcd: &integration::Etcd,
+    prefix: &str,
+    one_of_them: SocketAddr,
+) {
+    let (shards, address) = (
+        usize::from(limiter_svc::model::SHARDS),
+        one_of_them.to_string(),
+    );
+    let shards_prefix = format!("{prefix}/limiter/shards/");
+    poll_until(
+        "an even split of the shards",
+        Duration::from_secs(10),
+        || async {
+            let values = values_under(&mut etcd.client().await, &shards_prefix).await;
+            let owned = values.iter().filter(|v| v.contains(&address)).count();
+            (values.len() == shards && owned == shards / 2).then_some(())
+        },
+    )
+    .await;
 }
 
 /// One call made by a load worker.
