@@ -1,6 +1,9 @@
 //! The limiter-svc binary.
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static ALLOCATOR: plumbing::Allocator = plumbing::Allocator;
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -1,6 +1,9 @@
 //! The presence-svc binary: `presence-svc [serve flags]` or `presence-svc token …`.
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static ALLOCATOR: plumbing::Allocator = plumbing::Allocator;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

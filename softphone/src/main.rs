@@ -1,6 +1,9 @@
 //! The softphone binary.
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static ALLOCATOR: plumbing::Allocator = plumbing::Allocator;
+
 use std::io::Write;
 use std::process::ExitCode;
 

@@ -4,6 +4,9 @@
 //! `scripts/bench`, which builds the release binaries it starts.
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static ALLOCATOR: plumbing::Allocator = plumbing::Allocator;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
