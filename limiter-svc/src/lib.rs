@@ -64,6 +64,7 @@
 //! | `limiter/shards/<nn>` | `{"replica_id","address"}` of the owner | owner's replica lease |
 //! | `limiter/slots/<nn>/<slot_id>` | `{"a":account,"r":resource,"q":request_id,"e":expire_ms,"f":token}` | bucket lease |
 //! | `limiter/slots/<nn>/<block_id>` | `{"a","r","n":count,"e":expire_ms}` (an escrow block) | bucket lease |
+//! | `limiter/commits/<nn>` | the nonce of the shard's last slot txn (its commit marker) | none (48 keys in all) |
 //!
 //! **Leases.** Each replica has one lease (`--replica-ttl`, kept alive every TTL/3) carrying
 //! its membership and shard ownership. Slots and blocks are not kept alive: each sits on a
@@ -114,11 +115,35 @@
 //!   only bound what a successor counts — a block larger than a lowered limit makes a
 //!   successor more conservative, never less.
 //! - *etcd leader loss*: txns stall or fail; nothing is answered on an uncommitted write
-//!   (exact) or an uncommitted block (escrow). A failed or timed-out txn fails its waiters
-//!   (UNAVAILABLE; retry with the same `request_id`) and reloads the shard from etcd under
-//!   the same claim — escrow slots of that shard then become phantoms, counted until their
-//!   block expires. etcd extends lease TTLs across an election, which only delays expiry.
+//!   (exact) or an uncommitted block (escrow). The owner keeps the shard and its table: a
+//!   slot txn is retried (each attempt under plumbing's 1 s attempt deadline, on the etcd
+//!   member answering its probes, for up to 8 s) until the new leader commits it, and its
+//!   waiters are answered then; grants from existing blocks, releases and rejections go on
+//!   meanwhile, in memory. Only a txn that fails its compares (the shard changed hands) or
+//!   stays unanswered for the whole budget fails its waiters (UNAVAILABLE; retry with the
+//!   same `request_id`) and reloads the shard under the same claim — escrow slots of that
+//!   shard then become phantoms, counted until their block expires. etcd extends lease TTLs
+//!   across an election, which only delays expiry.
 //!
+//! **Retried commits.** Sending a txn again is only safe if no attempt can apply twice or
+//! late, after a later write of the same key (a renew's older expiry, a block's smaller
+//! count would then undo a newer record, and etcd would count less than is held). An
+//! attempt without an answer can still apply later — it may sit in a stopped member's
+//! socket and be proposed when the member resumes. So every slot txn also compares the mod
+//! revision of the shard's commit marker `limiter/commits/<nn>` with the one this owner
+//! last saw (read in the claim txn, then the revision of each of its own commits) and
+//! rewrites the marker with a nonce never used before (replica id, replica lease id,
+//! counter). A shard has at most one txn in flight, so: (1) of all attempts of one txn at
+//! most one applies — the first to apply moves the marker and fails the others' compare;
+//! (2) no attempt applies after a later txn of the shard, which expects the marker the
+//! earlier one left; (3) an attempt whose answer was lost is recognised: the retry fails
+//! its compare, and its failure branch reads the markers — carrying our nonce, the txn
+//! applied at their mod revision; carrying anything else, the shard changed hands and is
+//! reloaded. So a write's outcome, even unknown for a while, is one of "applied once, in
+//! order" or "never applied", which is what the escrow argument above assumes. A claim
+//! whose answer was lost is recognised the same way: the ownership key carries our lease.
+//! Handoff txns carry the marker too.
+
 //! **Why tokens strictly increase per key** (invariant 7). Within one owner, tokens of a shard
 //! are numbered in decision order under a revision that never goes back. A new owner claims
 //! at a revision above every revision of the old owner's txns, and the old owner's tokens
@@ -141,9 +166,9 @@
 //! and routers, peers forwarding) are exempt, as with the guard. A queued Acquire may run
 //! its `wait_timeout_ms` on top of `--request-timeout`.
 //!
-//! **Known limits.** Replicas need the platform secret to forward. A txn failure (etcd
-//! leader loss) reloads the whole shard, turning its escrow slots into phantoms for up to
-//! a hold plus 30 s. Queued callers of a shard being handed off are told to route again and
+//! **Known limits.** Replicas need the platform secret to forward. A txn that cannot commit
+//! for its whole 8 s budget (etcd without quorum that long) reloads the whole shard,
+//! turning its escrow slots into phantoms for up to a hold plus 30 s. Queued callers of a shard being handed off are told to route again and
 //! queue anew at the new owner (they lose their place).
 #![forbid(unsafe_code)]
 

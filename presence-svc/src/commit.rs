@@ -13,7 +13,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse, TxnResponse};
-use plumbing::etcd::{CALL_DEADLINE, EtcdSession};
+use plumbing::etcd::{CALL_DEADLINE, EtcdSession, Retried};
 use plumbing::metrics::TxnStats;
 use tokio::sync::{mpsc, oneshot};
 
@@ -157,17 +157,23 @@ async fn commit_alone(session: &EtcdSession, batch: Vec<Pending>) {
 }
 
 async fn call(session: &EtcdSession, txn: Txn) -> Result<TxnResponse, CommitError> {
-    let mut client = session.client();
-    match tokio::time::timeout(CALL_DEADLINE, client.txn(txn)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(etcd_client::Error::GRpcStatus(status)))
+    // Every txn here is guarded by compares (a device's mod revision or lease), so an
+    // attempt that applied without an answer makes its repeat fail the compare, and the
+    // caller's read-and-retry loop sees the record as it is: repeating is safe.
+    let attempt = session
+        .retry_raw(CALL_DEADLINE, |mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await;
+    match attempt {
+        Ok(response) => Ok(response),
+        Err(Retried::Refused(etcd_client::Error::GRpcStatus(status)))
             if status.code() == tonic::Code::NotFound =>
         {
             Err(CommitError::LeaseNotFound)
         }
-        Ok(Err(err)) => Err(CommitError::Unavailable(err.to_string())),
-        Err(_) => Err(CommitError::Unavailable(format!(
-            "etcd did not answer within {CALL_DEADLINE:?}"
-        ))),
+        Err(Retried::Refused(err)) => Err(CommitError::Unavailable(err.to_string())),
+        Err(Retried::Unanswered(text)) => Err(CommitError::Unavailable(text)),
     }
 }

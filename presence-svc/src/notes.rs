@@ -46,10 +46,12 @@ impl LeaveNotes {
         {
             return Ok(id);
         }
-        let mut client = self.session.client();
+        // A repeated grant at worst leaves a spare lease that nobody keeps alive: it expires.
         let granted = self
             .session
-            .bounded(client.lease_grant(NOTE_TTL, None))
+            .retry(plumbing::etcd::CALL_DEADLINE, |mut client| async move {
+                client.lease_grant(NOTE_TTL, None).await
+            })
             .await?;
         *current = Some((granted.id(), Instant::now()));
         Ok(granted.id())

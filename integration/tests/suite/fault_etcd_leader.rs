@@ -23,25 +23,25 @@ use crate::fault_support::{
 };
 use crate::presence_support::Session;
 
-/// The write outage a leader kill may cause on loopback. The election takes about a second
-/// (etcd's default 1 s election timeout), but a write that was in flight to the old leader
-/// is only given up at the services' 5 s etcd call deadline, and a replica's group-commit
-/// writes queue behind it: about 5 s is what callers see (measured 5.0–5.1 s here).
-const WRITE_OUTAGE_BOUND: Duration = Duration::from_secs(10);
+/// The longest a caller may go without a successful write once the remaining members have
+/// elected a new leader: DESIGN.md §5 invariant 6 (2 s). The election itself (etcd's 1 s
+/// election timeout, about 1.5 s on loopback) comes before and is printed, not bounded.
+const WRITE_OUTAGE_AFTER_ELECTION: Duration = Duration::from_secs(2);
 
 /// Kills the leader; returns when the remaining members have elected another, with the
-/// killed member's index and when it was killed.
-async fn kill_leader(cluster: &mut EtcdCluster) -> (usize, Instant) {
+/// killed member's index, when it was killed and when the new leader was seen.
+async fn kill_leader(cluster: &mut EtcdCluster) -> (usize, Instant, Instant) {
     let leader = cluster.leader().await;
     let killed_at = Instant::now();
     cluster.kill(leader).await;
     let next = cluster.leader().await;
+    let elected_at = Instant::now();
     assert_ne!(next, leader, "no new leader was elected");
     println!(
         "leader m{leader} killed; m{next} elected after {:?}",
         killed_at.elapsed()
     );
-    (leader, killed_at)
+    (leader, killed_at, elected_at)
 }
 
 /// Waits until `load` has `more` successful calls beyond what it has now.
@@ -58,7 +58,8 @@ async fn more_successes(load: &Load, more: usize) {
 /// Bounds checked: no `left` event for any session at a watcher, and every GetPresence of
 /// a session identity (through both replicas, all along) answers with the device present
 /// — no flapping, reads never fail; the longest time without a successful Register (writes
-/// through both replicas) is under [`WRITE_OUTAGE_BOUND`], and a failed Register is
+/// through both replicas) after the new leader is elected is under
+/// [`WRITE_OUTAGE_AFTER_ELECTION`], and a failed Register is
 /// UNAVAILABLE within the 5 s etcd deadline (never a hang past it); the watcher misses none
 /// of the Registers' revisions; both replicas keep running and every session still answers
 /// on its stream afterwards.
@@ -133,7 +134,7 @@ async fn presence_sessions_stay_present_through_an_etcd_leader_kill() {
     });
     more_successes(&writes, 20).await;
 
-    let (killed, killed_at) = kill_leader(&mut cluster).await;
+    let (killed, killed_at, elected_at) = kill_leader(&mut cluster).await;
     let back = writes
         .first_success_after(killed_at, Duration::from_secs(15))
         .await;
@@ -151,10 +152,15 @@ async fn presence_sessions_stay_present_through_an_etcd_leader_kill() {
             "a presence replica exited during the leader kill"
         );
     }
+    println!(
+        "longest Register outage {:?}, {:?} of it after the election",
+        writes.longest_outage(),
+        writes.outage_after(elected_at)
+    );
     assert!(
-        writes.longest_outage() < WRITE_OUTAGE_BOUND,
-        "writes were unavailable for {:?}",
-        writes.longest_outage()
+        writes.outage_after(elected_at) < WRITE_OUTAGE_AFTER_ELECTION,
+        "writes were unavailable for {:?} after the election",
+        writes.outage_after(elected_at)
     );
     let odd_writes = writes.other_than(&[Code::Ok, Code::Unavailable]);
     assert!(
@@ -217,7 +223,8 @@ async fn presence_sessions_stay_present_through_an_etcd_leader_kill() {
 /// held across it are counted exactly afterwards.
 ///
 /// Bounds checked: the longest time without a granted Acquire+Release pair (keys over
-/// all 48 shards, through both replicas) is under [`WRITE_OUTAGE_BOUND`], and failures are
+/// all 48 shards, through both replicas) after the new leader is elected is under
+/// [`WRITE_OUTAGE_AFTER_ELECTION`], and failures are
 /// UNAVAILABLE within the 5 s etcd deadline; afterwards a key
 /// at its limit of 3 with 3 slots taken before the kill is rejected with `in_flight` 3 on
 /// both replicas, and one release lets exactly one more in; no replica exits.
@@ -266,7 +273,7 @@ async fn the_limiter_outage_through_an_etcd_leader_kill_is_bounded_and_counts_st
     });
     more_successes(&pairs, 40).await;
 
-    let (killed, killed_at) = kill_leader(&mut cluster).await;
+    let (killed, killed_at, elected_at) = kill_leader(&mut cluster).await;
     let back = pairs
         .first_success_after(killed_at, Duration::from_secs(15))
         .await;
@@ -282,10 +289,15 @@ async fn the_limiter_outage_through_an_etcd_leader_kill_is_bounded_and_counts_st
             "a limiter replica exited during the leader kill"
         );
     }
+    println!(
+        "longest outage of pairs {:?}, {:?} of it after the election",
+        pairs.longest_outage(),
+        pairs.outage_after(elected_at)
+    );
     assert!(
-        pairs.longest_outage() < WRITE_OUTAGE_BOUND,
-        "grants were unavailable for {:?}",
-        pairs.longest_outage()
+        pairs.outage_after(elected_at) < WRITE_OUTAGE_AFTER_ELECTION,
+        "grants were unavailable for {:?} after the election",
+        pairs.outage_after(elected_at)
     );
     assert!(
         pairs.other_than(&[Code::Ok, Code::Unavailable]).is_empty(),

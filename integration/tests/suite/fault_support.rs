@@ -323,6 +323,22 @@ impl LoadReport {
         longest.max(self.stopped.saturating_duration_since(last))
     }
 
+    /// The longest time after `since` without a successful call: of each gap between
+    /// successes (and the one at the end), only the part after `since` counts.
+    pub fn outage_after(&self, since: Instant) -> Duration {
+        let mut last = self.started;
+        let mut longest = Duration::ZERO;
+        let mut gap_to = |end: Instant, last: Instant| {
+            longest = longest.max(end.saturating_duration_since(last.max(since)));
+        };
+        for call in self.calls.iter().filter(|c| c.code == Code::Ok) {
+            gap_to(call.ended, last);
+            last = call.ended;
+        }
+        gap_to(self.stopped, last);
+        longest
+    }
+
     /// The slowest successful call.
     pub fn slowest_success(&self) -> Duration {
         self.calls

@@ -38,7 +38,7 @@ pub use handle::{AcquireReply, Command, EngineError, EngineHandle, UsageReply};
 use shards::ShardState;
 pub use shards::{Owner, View};
 pub use store::shard_key;
-use store::{ShardRecords, Write, commit};
+use store::{CommitError, LoadedShard, ShardFence, Write, commit};
 
 /// etcd's default `--max-txn-ops` is 128; leave room for the fencing compares' sake.
 pub const MAX_TXN_OPS: usize = 120;
@@ -94,16 +94,16 @@ enum Event {
     Committed {
         writes: Vec<Write>,
         leases: Vec<(u64, i64)>,
-        result: Result<i64, EtcdError>,
+        result: Result<i64, CommitError>,
     },
     Loaded {
         shard: u16,
-        result: Result<Option<(i64, ShardRecords)>, EtcdError>,
+        result: Result<Option<LoadedShard>, EtcdError>,
     },
     HandedOff {
         shard: u16,
         leases: Vec<(u64, i64)>,
-        result: Result<i64, EtcdError>,
+        result: Result<i64, CommitError>,
     },
 }
 
@@ -164,6 +164,8 @@ pub fn start(config: EngineConfig) -> EngineHandle {
         leases: HashMap::new(),
         blocks: HashMap::new(),
         fences: vec![(0, 0); usize::from(SHARDS)],
+        marks: vec![0; usize::from(SHARDS)],
+        nonces: 0,
         leaving: false,
         owned: owned_tx,
         held: held_tx,
@@ -191,6 +193,10 @@ struct Engine {
     blocks: HashMap<SlotKey, Block>,
     /// Per shard: (revision, grants numbered since) — the source of fencing tokens.
     fences: Vec<(i64, u32)>,
+    /// Per shard: the commit marker's mod revision after our last txn of it.
+    marks: Vec<i64>,
+    /// Txn nonces handed out (with the replica id, unique across the fleet's history).
+    nonces: u64,
     /// Shutting down: hand every shard off, claim nothing.
     leaving: bool,
     owned: watch::Sender<Vec<u16>>,
@@ -490,49 +496,56 @@ impl Engine {
         }
     }
 
-    /// Takes up to [`MAX_TXN_OPS`] pending writes (never two for one slot) into one txn.
+    /// Takes pending writes into one txn: never two for one slot, none of a shard that has
+    /// a txn in flight (a shard's txns apply one after the other, each expecting the commit
+    /// marker the previous one left), and no more than etcd's txn limits allow once each
+    /// shard's two compares and marker put are counted.
     fn start_commit(&mut self) {
         let mut batch = Vec::new();
         let mut rest = Vec::new();
         let mut seen = HashSet::new();
-        for write in self.pending.drain(..) {
-            // A slot already in a txn in flight waits, so writes of one slot apply in order.
-            if batch.len() < MAX_TXN_OPS
-                && !self.in_flight.slots.contains(write.id())
+        let mut shards = HashSet::new();
+        for write in std::mem::take(&mut self.pending) {
+            let shard = write.shard();
+            let shards_after = shards.len() + usize::from(!shards.contains(&shard));
+            let owned = matches!(
+                self.shards[usize::from(shard)],
+                ShardState::Owned { .. } | ShardState::HandingOff { .. }
+            );
+            if !owned {
+                // A shard lost while its writes were queued: its writes are dropped.
+                self.fail_acks(write.id(), EngineError::NotOwner(shard));
+                continue;
+            }
+            if batch.len() + 1 + shards_after <= MAX_TXN_OPS
+                && 2 * shards_after <= MAX_TXN_OPS
+                && !self.in_flight.touches(shard)
                 && seen.insert(write.id().clone())
             {
+                shards.insert(shard);
                 batch.push(write);
             } else {
                 rest.push(write);
             }
         }
         self.pending = rest;
-        let mut fences = Vec::new();
-        for shard in batch.iter().map(Write::shard).collect::<HashSet<_>>() {
-            // A shard lost while its writes were queued gets no fence, and its writes are dropped.
-            if let ShardState::Owned { claim_revision }
-            | ShardState::HandingOff { claim_revision, .. } = self.shards[usize::from(shard)]
-            {
-                fences.push((shard, claim_revision));
-            }
-        }
-        let fenced: HashSet<u16> = fences.iter().map(|(s, _)| *s).collect();
-        let (batch, orphans): (Vec<_>, Vec<_>) =
-            batch.into_iter().partition(|w| fenced.contains(&w.shard()));
-        for write in orphans {
-            self.fail_acks(write.id(), EngineError::NotOwner(write.shard()));
-        }
         if batch.is_empty() {
             return;
         }
+        let fences: Vec<ShardFence> = shards
+            .iter()
+            .filter_map(|&shard| self.fence_of(shard))
+            .collect();
         self.in_flight.begin(&batch);
         self.config.stats.txn.batch(batch.len());
         let txn = self.config.stats.txn.clone();
+        let nonce = self.next_nonce();
         let commit = commit(
             self.config.session.clone(),
             fences,
             batch,
             self.leases.clone(),
+            nonce,
         );
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -561,6 +574,7 @@ impl Engine {
                         let shards: HashSet<u16> = writes.iter().map(Write::shard).collect();
                         for shard in shards {
                             self.raise_fence(shard, revision);
+                            self.marks[usize::from(shard)] = revision;
                         }
                         for write in writes {
                             match write {
@@ -619,6 +633,29 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// What a txn of `shard` is guarded by, while this replica owns it.
+    fn fence_of(&self, shard: u16) -> Option<ShardFence> {
+        match self.shards[usize::from(shard)] {
+            ShardState::Owned { claim_revision }
+            | ShardState::HandingOff { claim_revision, .. } => Some(ShardFence {
+                shard,
+                claim_revision,
+                mark: self.marks[usize::from(shard)],
+            }),
+            _ => None,
+        }
+    }
+
+    /// A txn nonce never used before by any replica: this replica's id, its lease (etcd
+    /// never reuses a lease id) and a counter.
+    fn next_nonce(&mut self) -> String {
+        self.nonces += 1;
+        format!(
+            "{}/{:x}/{}",
+            self.config.replica_id, self.config.replica_lease, self.nonces
+        )
     }
 
     /// The next fencing token of `shard`: its latest revision known here, then a sequence

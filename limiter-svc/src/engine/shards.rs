@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use plumbing::etcd::EtcdError;
 use tokio::sync::mpsc;
 
-use super::store::{Fence, ShardRecords, hand_off, load_shard};
+use super::store::{CommitError, Fence, LoadedShard, hand_off, load_shard};
 use super::{CLAIM_GRACE_MS, Engine, EngineError, Event, RELOAD_BACKOFF};
 use crate::model::{SHARDS, SlotId, now_ms};
 
@@ -279,13 +279,21 @@ impl Engine {
             started: true,
         };
         let events = self.events.clone();
+        let Some(fence) = self.fence_of(shard) else {
+            return;
+        };
+        let base = self.next_nonce();
+        let mut part = 0;
         let handoff = hand_off(
             self.config.session.clone(),
-            shard,
-            claim_revision,
+            fence,
             slots,
             blocks,
             self.leases.clone(),
+            move || {
+                part += 1;
+                format!("{base}/handoff/{part}")
+            },
         );
         tokio::spawn(async move {
             let (leases, result) = handoff.await;
@@ -301,7 +309,7 @@ impl Engine {
         &mut self,
         shard: u16,
         leases: Vec<(u64, i64)>,
-        result: Result<i64, EtcdError>,
+        result: Result<i64, CommitError>,
     ) {
         self.leases.extend(leases);
         let ShardState::HandingOff { claim_revision, .. } = self.shards[usize::from(shard)] else {
@@ -326,18 +334,15 @@ impl Engine {
         self.publish_owned();
     }
 
-    pub(super) fn on_loaded(
-        &mut self,
-        shard: u16,
-        result: Result<Option<(i64, ShardRecords)>, EtcdError>,
-    ) {
+    pub(super) fn on_loaded(&mut self, shard: u16, result: Result<Option<LoadedShard>, EtcdError>) {
         self.loading.remove(&shard);
         let state = self.shards[usize::from(shard)];
         match (state, result) {
             (
                 ShardState::Claiming | ShardState::Reloading { .. },
-                Ok(Some((claim_revision, records))),
+                Ok(Some((claim_revision, mark, records))),
             ) => {
+                self.marks[usize::from(shard)] = mark;
                 let now = now_ms();
                 for slot in records.slots.into_iter().filter(|s| s.expire_ms > now) {
                     self.table.load(slot);
@@ -422,9 +427,7 @@ impl Engine {
 
 pub(super) fn spawn_load(
     shard: u16,
-    load: impl std::future::Future<Output = Result<Option<(i64, ShardRecords)>, EtcdError>>
-    + Send
-    + 'static,
+    load: impl std::future::Future<Output = Result<Option<LoadedShard>, EtcdError>> + Send + 'static,
     events: &mpsc::UnboundedSender<Event>,
 ) {
     let events = events.clone();

@@ -38,8 +38,12 @@ pub struct Lease {
 impl Lease {
     /// Grants a lease of `ttl` seconds and starts keeping it alive.
     pub async fn grant(session: &EtcdSession, ttl: i64) -> Result<Self, EtcdError> {
-        let mut client = session.client();
-        let granted = session.bounded(client.lease_grant(ttl, None)).await?;
+        // A repeated grant at worst leaves a spare lease that nobody keeps alive: it expires.
+        let granted = session
+            .retry(super::CALL_DEADLINE, |mut client| async move {
+                client.lease_grant(ttl, None).await
+            })
+            .await?;
         let (id, ttl) = (granted.id(), granted.ttl());
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -123,6 +127,8 @@ async fn keep_alive(
         }
         let attempt = tokio::time::timeout(period, async {
             if stream.is_none() {
+                // A new stream goes to the member preferred now, not the one that failed.
+                client = session.client().lease_client();
                 stream = Some(client.keep_alive(id).await?);
                 // `keep_alive` already sent one request and checked its answer.
                 return Ok::<i64, etcd_client::Error>(ttl);

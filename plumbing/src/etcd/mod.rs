@@ -4,9 +4,16 @@
 //! ([`watch`]).
 //!
 //! No call here sets a channel-wide gRPC timeout: etcd would apply it to watch and
-//! keep-alive streams too and cut them. Unary calls are bounded with [`EtcdSession::bounded`].
+//! keep-alive streams too and cut them. Unary calls are bounded with [`EtcdSession::bounded`]
+//! (one attempt) or [`EtcdSession::retry`] (requests that are safe to repeat, each attempt
+//! under [`ATTEMPT_DEADLINE`], again on the member then preferred).
+//!
+//! With several endpoints, [`EtcdSession::client`] answers the client of a member that
+//! answers its health probes, the leader first (see `members`), so a member that is down
+//! or stopped is skipped until it answers again.
 
 pub mod lease;
+mod members;
 pub mod options;
 pub mod watch;
 
@@ -22,6 +29,13 @@ pub use watch::{Mirror, MirrorUpdate, WatchItem, WatchSpec, follow};
 
 /// How long one unary etcd call may take before the caller gets [`EtcdError::Unavailable`].
 pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
+/// How long one attempt of a repeatable request may take before it is tried again: well
+/// under a caller's deadline, and longer than a healthy etcd ever needs on a LAN. A request
+/// sent to a leader that just died is given up after this, not after etcd's own 7 s.
+pub const ATTEMPT_DEADLINE: Duration = Duration::from_millis(1000);
+/// First pause between attempts; it doubles up to [`RETRY_PAUSE_MAX`].
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(400);
 
 /// Why an etcd operation failed, classified so callers map it to a gRPC code without
 /// looking at message text.
@@ -99,6 +113,41 @@ pub enum ConnectError {
     },
 }
 
+/// Why [`EtcdSession::retry_raw`] gave up.
+#[derive(Debug)]
+pub enum Retried {
+    /// etcd answered with an error a retry would repeat.
+    Refused(etcd_client::Error),
+    /// No attempt was answered within the budget (or each failed transiently): the
+    /// request's outcome is unknown.
+    Unanswered(String),
+}
+
+impl EtcdError {
+    /// Whether the request may succeed if sent again (etcd was unreachable, leaderless or
+    /// slow), as opposed to a refusal or bad data that a retry repeats.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, EtcdError::Unavailable(_))
+    }
+}
+
+/// Whether etcd-client's `err` is transient: the member could not be reached, had no
+/// leader, lost its leader mid-request, or timed out. Refusals (permissions, bad requests,
+/// compaction) are not.
+pub fn is_transient(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled
+        ),
+        etcd_client::Error::TransportError(_)
+        | etcd_client::Error::IoError(_)
+        | etcd_client::Error::LeaseKeepAliveError(_)
+        | etcd_client::Error::WatchError(_) => true,
+        _ => false,
+    }
+}
+
 impl From<etcd_client::Error> for EtcdError {
     fn from(err: etcd_client::Error) -> Self {
         EtcdError::Unavailable(err.to_string())
@@ -109,6 +158,7 @@ impl From<etcd_client::Error> for EtcdError {
 #[derive(Clone)]
 pub struct EtcdSession {
     client: Client,
+    members: Option<std::sync::Arc<members::Members>>,
     prefix: String,
     authenticated: bool,
 }
@@ -145,7 +195,7 @@ impl EtcdSession {
         let user = options.credentials.as_ref().map(|c| c.user.clone());
         let client = tokio::time::timeout(
             CALL_DEADLINE,
-            Client::connect(&options.endpoints, Some(connect_options)),
+            Client::connect(&options.endpoints, Some(connect_options.clone())),
         )
         .await
         .map_err(|_| unreachable(format!("no answer within {CALL_DEADLINE:?}")))?
@@ -159,6 +209,7 @@ impl EtcdSession {
         })?;
         let session = Self {
             client,
+            members: members::Members::start(&options.endpoints, connect_options.clone()),
             prefix: options.prefix.trim_end_matches('/').to_owned(),
             authenticated: user.is_some(),
         };
@@ -196,9 +247,67 @@ impl EtcdSession {
         }
     }
 
-    /// A clone of the underlying client (cheap; clients share one channel).
+    /// A client for the next request or stream (cheap to clone): the one of the member
+    /// preferred now (the leader if it answers its probes, else any member that does);
+    /// with one endpoint, or before any probe answered, the client balanced over all.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.members
+            .as_ref()
+            .and_then(|m| m.pick())
+            .unwrap_or_else(|| self.client.clone())
+    }
+
+    /// The endpoint requests go to now, when a member was chosen by its probes.
+    pub fn preferred_endpoint(&self) -> Option<String> {
+        self.members
+            .as_ref()
+            .and_then(|m| m.preferred_endpoint().map(str::to_owned))
+    }
+
+    /// Runs a request that is safe to send more than once (a read, a txn whose compares
+    /// make a repeat harmless, a lease grant whose spare lease just expires) until it
+    /// answers, each attempt under [`ATTEMPT_DEADLINE`] on the member preferred at that
+    /// moment, pausing 50 ms (doubling to 400 ms) between attempts. Gives up with
+    /// [`EtcdError::Unavailable`] once `budget` has passed, or at once on an error a retry
+    /// would repeat. `call` builds the request afresh for each attempt.
+    pub async fn retry<T, F, Fut>(&self, budget: Duration, call: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.retry_raw(budget, call)
+            .await
+            .map_err(|failure| match failure {
+                Retried::Refused(err) => EtcdError::from(err),
+                Retried::Unanswered(text) => EtcdError::Unavailable(text),
+            })
+    }
+
+    /// [`Self::retry`], handing back etcd's refusal itself (to match on its code).
+    pub async fn retry_raw<T, F, Fut>(&self, budget: Duration, mut call: F) -> Result<T, Retried>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let until = tokio::time::Instant::now() + budget;
+        let mut pause = RETRY_PAUSE;
+        loop {
+            let attempt = tokio::time::timeout(ATTEMPT_DEADLINE, call(self.client())).await;
+            let failure = match attempt {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(err)) if !is_transient(&err) => return Err(Retried::Refused(err)),
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("etcd did not answer within {ATTEMPT_DEADLINE:?}"),
+            };
+            if tokio::time::Instant::now() + pause >= until {
+                return Err(Retried::Unanswered(format!(
+                    "{failure} (retried for {budget:?})"
+                )));
+            }
+            tracing::debug!(error = %failure, "etcd request failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
     }
 
     /// The deployment prefix, without trailing slash (e.g. `/switchboard`).

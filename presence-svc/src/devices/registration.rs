@@ -124,11 +124,13 @@ impl DeviceStore {
     }
 
     async fn grant(&self, ttl: u32) -> Result<i64, Error> {
-        let mut client = self.inner.session.client();
+        // A repeated grant at worst leaves a spare lease that nobody keeps alive: it expires.
         let granted = self
             .inner
             .session
-            .bounded(client.lease_grant(i64::from(ttl), None))
+            .retry(CALL_DEADLINE, |mut client| async move {
+                client.lease_grant(i64::from(ttl), None).await
+            })
             .await?;
         Ok(granted.id())
     }
