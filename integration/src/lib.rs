@@ -321,7 +321,10 @@ impl EtcdCluster {
                     else {
                         continue;
                     };
-                    let Ok(status) = client.status().await else {
+                    // A paused member accepts and never answers.
+                    let Ok(Ok(status)) =
+                        tokio::time::timeout(Duration::from_millis(500), client.status()).await
+                    else {
                         continue;
                     };
                     if status.leader() == status.header().map_or(0, |h| h.member_id()) {
@@ -339,6 +342,31 @@ impl EtcdCluster {
         if let Some(mut child) = self.members[index].child.take() {
             let _ = child.kill().await;
         }
+    }
+
+    /// Freezes member `index` with SIGSTOP: its sockets stay open and accept, but it
+    /// answers nothing — a partition as its peers and clients see it.
+    pub async fn pause(&mut self, index: usize) {
+        self.signal(index, "-STOP").await;
+    }
+
+    /// Lets a paused member run again (SIGCONT).
+    pub async fn resume(&mut self, index: usize) {
+        self.signal(index, "-CONT").await;
+    }
+
+    async fn signal(&self, index: usize, signal: &str) {
+        let pid = self.members[index]
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .unwrap_or_else(|| panic!("member m{index} is not running"));
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await
+            .unwrap_or_else(|err| panic!("kill {signal} {pid}: {err}"));
+        assert!(status.success(), "kill {signal} {pid} failed");
     }
 
     /// Starts member `index` again with its data.

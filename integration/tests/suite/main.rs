@@ -8,6 +8,7 @@ mod auth;
 mod etcd;
 mod etcd_security;
 mod fault_etcd_leader;
+mod fault_etcd_member;
 mod fault_etcd_restart;
 mod fault_replica_kill;
 mod fault_sigterm;
