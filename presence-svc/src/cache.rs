@@ -41,6 +41,8 @@ pub struct RecordChange<'a> {
     pub session: Option<&'a str>,
     /// Why it left, when it left with a note.
     pub left: Option<LeaveReason>,
+    /// The lease of the record (for a deletion, of the deleted record; 0 when unknown).
+    pub lease: i64,
 }
 
 type Identities = BTreeMap<String, BTreeMap<String, StoredDevice>>;
@@ -274,21 +276,26 @@ fn apply(
             }
             notes.clear();
             let keys = observer.watched_keys();
-            let holders: Vec<(i64, Option<String>)> = keys
+            let holders: Vec<(i64, Option<String>, i64)> = keys
                 .iter()
                 .map(|key| {
                     let record = fresh.get(key);
                     let revision = record.map_or(revision, |d| d.mod_revision);
-                    (revision, record.and_then(stream_session).map(str::to_owned))
+                    (
+                        revision,
+                        record.and_then(stream_session).map(str::to_owned),
+                        record.map_or(0, |d| d.record.lease),
+                    )
                 })
                 .collect();
             *store.write().unwrap_or_else(PoisonError::into_inner) = fresh;
-            for (key, (revision, session)) in keys.iter().zip(holders) {
+            for (key, (revision, session, lease)) in keys.iter().zip(holders) {
                 observer.changed(RecordChange {
                     key,
                     revision,
                     session: session.as_deref(),
                     left: None,
+                    lease,
                 });
             }
         }
@@ -297,7 +304,8 @@ fn apply(
                 let Some(device) = StoredDevice::from_kv(layout, &kv) else {
                     return;
                 };
-                let (key, revision) = (device.key.clone(), device.mod_revision);
+                let (key, revision, lease) =
+                    (device.key.clone(), device.mod_revision, device.record.lease);
                 let session = stream_session(&device).map(str::to_owned);
                 store
                     .write()
@@ -308,6 +316,7 @@ fn apply(
                     revision,
                     session: session.as_deref(),
                     left: None,
+                    lease,
                 });
             }
             Some(ParsedKey::Note(key)) => {
@@ -333,6 +342,7 @@ fn apply(
                     revision: kv.mod_revision(),
                     session: None,
                     left,
+                    lease: kv.lease(),
                 });
             }
         }

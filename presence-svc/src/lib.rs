@@ -32,8 +32,11 @@
 //!   sessions vanish when its lease expires: within `--replica-ttl` seconds. On SIGTERM the
 //!   streams end with UNAVAILABLE (clients reconnect elsewhere) and the lease revoke
 //!   removes all their records in one write. A replica that loses its lease (etcd
-//!   unreachable for a whole TTL) has lost all its sessions' records, so it stops serving
-//!   and exits non-zero to be restarted.
+//!   unreachable for a whole TTL, or the lease revoked behind its back) has lost all its
+//!   sessions' records with it: the lease keeper grants a new lease and every live session
+//!   writes its record again under it (watchers see the device leave and come back; the
+//!   client gets a fresh `registered`). A session whose record vanished while its lease
+//!   is alive was removed by someone, and ends.
 //! - **Leave notes** ride in the same txn as a deletion, under a shared lease rotated every
 //!   20 s (TTL 60 s), so watchers learn `unregistered` / `disconnected` / `evicted`; a
 //!   deletion without a note is an expiry.
@@ -128,7 +131,6 @@ use clap::Args;
 use plumbing::auth::Scope;
 use plumbing::client::CallCredentials;
 use plumbing::config::CommonArgs;
-use plumbing::etcd::EtcdError;
 use plumbing::guard::{GuardArgs, GuardLayer};
 use plumbing::server::{Replica, ServeError};
 use proto::presence::v1::key_service_server::KeyServiceServer;
@@ -212,7 +214,7 @@ pub async fn run(
     run_with(args, PresenceArgs::default(), listener, stop).await
 }
 
-/// Serves presence-svc on `listener` until `stop` resolves (or the replica lease is lost).
+/// Serves presence-svc on `listener` until `stop` resolves.
 pub async fn run_with(
     args: ServeArgs,
     presence: PresenceArgs,
@@ -228,19 +230,18 @@ pub async fn run_with(
         .clone()
         .unwrap_or_else(|| listen.to_string());
     let (api, relay) = assemble(&replica, &args.common, &presence, address);
-    let lost = replica.lease.lost();
-    let shutdown = replica.shutdown.clone();
-    let stop_on_loss = {
-        let lost = lost.clone();
-        async move {
-            lost.cancelled().await;
-            tracing::error!(
-                "the replica lease was lost (etcd unreachable for a whole TTL): its sessions are gone from etcd; stopping"
+    // A lost replica lease does not stop the replica: the lease keeper grants another and
+    // every live session writes its record again under it (`session::SessionTask`).
+    let mut leases = replica.lease.changes();
+    let watcher = tokio::spawn(async move {
+        while leases.changed().await.is_ok() {
+            let lease = *leases.borrow();
+            tracing::warn!(
+                lease,
+                "the replica lease was lost (expired or revoked); live sessions are written again under its replacement"
             );
-            shutdown.cancel();
         }
-    };
-    let watcher = tokio::spawn(stop_on_loss);
+    });
     let max_message = args.common.limits.max_message_bytes();
     let routes =
         Routes::new(PresenceServiceServer::new(api).max_decoding_message_size(max_message))
@@ -258,9 +259,6 @@ pub async fn run_with(
     ];
     let served = replica.serve(listener, routes, &names, stop).await;
     watcher.abort();
-    if lost.is_cancelled() {
-        return Err(EtcdError::Unavailable("the replica lease was lost".into()).into());
-    }
     served
 }
 
@@ -286,7 +284,7 @@ fn assemble(
     let sessions = session::Sessions::new(
         table.clone(),
         store.clone(),
-        replica.lease.id(),
+        replica.lease.changes(),
         address.clone(),
         replica.shutdown.clone(),
     );

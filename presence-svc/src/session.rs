@@ -11,7 +11,7 @@ use plumbing::validate::FieldError;
 use proto::presence::v1 as pb;
 use proto::presence::v1::connect_request::Kind as In;
 use proto::presence::v1::connect_response::Kind as Out;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -45,19 +45,21 @@ pub struct Sessions {
 struct Inner {
     table: Arc<SessionTable>,
     store: DeviceStore,
-    /// This replica's lease: stream records are attached to it.
-    lease: i64,
+    /// This replica's lease in force: stream records are attached to it. It changes when a
+    /// lost lease is replaced; live sessions then write their records again under it.
+    lease: watch::Receiver<i64>,
     /// This replica's address, written into stream records for the relay.
     address: String,
     shutdown: CancellationToken,
 }
 
 impl Sessions {
-    /// Sessions writing through `store`, under replica lease `lease`, reachable at `address`.
+    /// Sessions writing through `store`, under the replica lease in force (`lease`),
+    /// reachable at `address`.
     pub fn new(
         table: Arc<SessionTable>,
         store: DeviceStore,
-        lease: i64,
+        lease: watch::Receiver<i64>,
         address: String,
         shutdown: CancellationToken,
     ) -> Self {
@@ -87,6 +89,7 @@ impl Sessions {
             attributes,
         } = requests::connect_hello(caller, &hello)?;
         let id = format!("{:016x}", rand::random::<u64>());
+        let lease = *self.inner.lease.borrow();
         let record = DeviceRecord {
             status,
             attributes,
@@ -94,18 +97,19 @@ impl Sessions {
             kind: Kind::Stream,
             replica: self.inner.address.clone(),
             session: id.clone(),
-            lease: self.inner.lease,
+            lease,
             ttl_seconds: 0,
             register_time_ms: now_ms(),
             expire_time_ms: None,
         };
         let (handle, commands) = SessionHandle::new(id);
+        handle.set_lease(lease);
         let written = {
             let _order = self.inner.table.write_lock(&key).lock().await;
             self.inner.table.reserve(key.clone(), handle.clone());
             let admission = Admission {
                 key: key.clone(),
-                record,
+                record: record.clone(),
             };
             match self.inner.store.open_stream(admission).await {
                 Ok(written) => written,
@@ -126,6 +130,7 @@ impl Sessions {
             key,
             handle,
             device: written.device,
+            record,
             legs: HashMap::new(),
             outbound,
         };
@@ -200,6 +205,8 @@ struct SessionTask {
     key: DeviceKey,
     handle: SessionHandle,
     device: pb::Device,
+    /// The record as this session last wrote it.
+    record: DeviceRecord,
     legs: HashMap<String, Leg>,
     outbound: mpsc::Sender<Outbound>,
 }
@@ -212,6 +219,7 @@ impl SessionTask {
     ) {
         let shutdown = self.sessions.inner.shutdown.clone();
         let displaced = self.handle.displaced();
+        let orphaned = self.handle.clone();
         let ending = loop {
             tokio::select! {
                 biased;
@@ -221,6 +229,11 @@ impl SessionTask {
                 // The handlers are boxed: their etcd calls would otherwise make every idle
                 // session's task as large as the largest of them.
                 Some(command) = commands.recv() => Box::pin(self.on_command(*command)).await,
+                () = orphaned.orphaned() => {
+                    if let Err(ending) = Box::pin(self.reregister()).await {
+                        break ending;
+                    }
+                }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         if let Err(err) = Box::pin(self.on_message(message)).await {
@@ -274,6 +287,7 @@ impl SessionTask {
 
     async fn on_status(&mut self, status: pb::ConnectStatus) -> Result<(), Error> {
         let change = requests::connect_status(&status)?;
+        let (status, attributes) = (change.status, change.attributes.clone());
         let written = self
             .sessions
             .inner
@@ -285,6 +299,12 @@ impl SessionTask {
                 Some(&self.handle.id),
             )
             .await?;
+        if let Some(status) = status {
+            self.record.status = status;
+        }
+        if let Some(attributes) = attributes {
+            self.record.attributes = attributes;
+        }
         self.device = written.device.clone();
         self.push(registered(written.device)).await;
         Ok(())
@@ -351,6 +371,46 @@ impl SessionTask {
         }
     }
 
+    /// The session's record vanished with its lease. If the lease is in fact alive, someone
+    /// removed the record: the session ends as removed. Otherwise the replica's lease was
+    /// lost (expired or revoked behind its back): wait for the replacement lease and write
+    /// the record again under it — watchers see the device leave and come back, the
+    /// client keeps its stream and is told its new record (`registered`).
+    async fn reregister(&mut self) -> Result<(), Ending> {
+        let removed = || Ending::Displaced(Displacement::Removed);
+        let old = self.handle.lease();
+        let store = self.sessions.inner.store.clone();
+        if store.lease_alive(old).await {
+            return Err(removed());
+        }
+        let mut leases = self.sessions.inner.lease.clone();
+        let new =
+            match tokio::time::timeout(REREGISTER_WITHIN, leases.wait_for(|id| *id != old)).await {
+                Ok(Ok(id)) => *id,
+                _ => return Err(removed()),
+            };
+        let table = &self.sessions.inner.table;
+        let mut record = self.record.clone();
+        record.lease = new;
+        let written = {
+            let _order = table.write_lock(&self.key).lock().await;
+            let admission = Admission {
+                key: self.key.clone(),
+                record: record.clone(),
+            };
+            store.open_stream(admission).await.map_err(Ending::Failed)?
+        };
+        self.handle.set_lease(new);
+        self.handle.establish(written.revision);
+        self.sessions
+            .recheck(&self.key, &self.handle, written.revision);
+        self.record = record;
+        self.device = written.device.clone();
+        tracing::warn!(identity = %self.key.identity, device = %self.key.device_id, lease = new, "session record written again under the replica's new lease");
+        self.push(registered(written.device)).await;
+        Ok(())
+    }
+
     /// Sends to the client; a client that has gone is noticed by the loop.
     async fn push(&self, message: pb::ConnectResponse) {
         let _ = self.outbound.send(Ok(Box::new(message))).await;
@@ -381,7 +441,10 @@ impl SessionTask {
             let _order = inner.table.write_lock(&self.key).lock().await;
             if inner.table.release(&self.key, &self.handle.id)
                 && gone == pb::LeaveReason::Disconnected
-                && let Err(err) = inner.store.close_stream(&self.key, inner.lease).await
+                && let Err(err) = inner
+                    .store
+                    .close_stream(&self.key, self.handle.lease())
+                    .await
             {
                 tracing::warn!(identity = %self.key.identity, device = %self.key.device_id, error = %err, "could not remove a closed session's record; it goes with the replica lease");
             }
@@ -392,6 +455,10 @@ impl SessionTask {
         tracing::debug!(identity = %self.key.identity, device = %self.key.device_id, "session closed");
     }
 }
+
+/// How long a session whose record vanished with the replica lease waits for the next
+/// lease (the keeper notices a lost lease within a TTL and grants another at once).
+const REREGISTER_WITHIN: Duration = Duration::from_secs(30);
 
 fn cancel(offer_id: String, reason: pb::CancelReason) -> pb::ConnectResponse {
     out(Out::Cancel(pb::ConnectCancel {

@@ -116,6 +116,11 @@ struct HandleState {
     established: AtomicI64,
     displaced: CancellationToken,
     why: OnceLock<Displacement>,
+    /// The lease the session's record is under.
+    lease: AtomicI64,
+    /// Set when the record vanished with its lease (expired or revoked behind the
+    /// replica's back) rather than being removed by anyone.
+    orphaned: tokio::sync::Notify,
 }
 
 impl SessionHandle {
@@ -143,6 +148,21 @@ impl SessionHandle {
     /// previous holder of the device and do not displace this session.
     pub fn establish(&self, revision: i64) {
         self.state.established.store(revision, Ordering::Release);
+    }
+
+    /// Records the lease the session's record is now under.
+    pub fn set_lease(&self, lease: i64) {
+        self.state.lease.store(lease, Ordering::Release);
+    }
+
+    /// The lease the session's record is under.
+    pub fn lease(&self) -> i64 {
+        self.state.lease.load(Ordering::Acquire)
+    }
+
+    /// Waits until the session's record vanishes with its lease.
+    pub async fn orphaned(&self) {
+        self.state.orphaned.notified().await;
     }
 
     /// Ends the session (the first reason wins).
@@ -246,6 +266,16 @@ impl RecordObserver for SessionTable {
             return;
         }
         if change.session == Some(&*handle.id) {
+            return;
+        }
+        if change.session.is_none()
+            && change.left.is_none()
+            && change.lease != 0
+            && change.lease == handle.lease()
+        {
+            // Gone with its lease, not removed by anyone: the session writes it again
+            // under the replica's next lease (or ends if the lease is in fact alive).
+            handle.state.orphaned.notify_one();
             return;
         }
         let why = match (change.session, change.left) {

@@ -55,6 +55,35 @@ async fn a_lease_revoked_elsewhere_is_reported_lost() {
 }
 
 #[tokio::test]
+async fn a_lost_lease_is_replaced_by_a_new_one_that_is_kept_alive() {
+    let etcd = Etcd::start().await;
+    let session = session(&etcd).await;
+    let lease = Lease::grant(&session, 3).await.unwrap();
+    let first = lease.id();
+    let mut changes = lease.changes();
+    etcd.client().await.lease_revoke(first).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), changes.wait_for(|id| *id != first))
+        .await
+        .expect("no new lease")
+        .map(|id| *id)
+        .unwrap();
+    assert_eq!(lease.id(), second);
+    assert!(
+        lease.lost().is_cancelled(),
+        "the first loss is still reported"
+    );
+    // Kept alive past its TTL of 3 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let live = etcd
+        .client()
+        .await
+        .lease_time_to_live(second, None)
+        .await
+        .unwrap();
+    assert!(live.ttl() > 0, "the new lease expired: ttl {}", live.ttl());
+}
+
+#[tokio::test]
 async fn a_lease_is_reported_lost_when_etcd_is_gone_for_a_whole_ttl() {
     let mut etcd = Etcd::start().await;
     let session = session(&etcd).await;

@@ -188,3 +188,91 @@ async fn shutting_down_ends_sessions_with_unavailable_and_removes_them_at_once()
     wait_for_devices(&presence, &alice, "alice", 0, Duration::from_secs(2)).await;
     staying.shutdown().await.unwrap();
 }
+
+/// A replica whose lease is revoked behind its back (as etcd would expire it after a long
+/// pause or a partition) keeps its live sessions: it grants a new lease, writes every
+/// session's record again under it and tells each client its new record; the streams go
+/// on answering, and readers list the devices again. The replica does not stop.
+#[tokio::test]
+async fn a_replica_whose_lease_is_revoked_keeps_its_sessions_under_a_new_lease() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let server = support::presence(&etcd, &prefix).await;
+    let tenant = Tenant::create(&server, "AC1").await;
+    let alice = tenant.device("alice");
+    let presence = client(&server);
+    let mut sessions = Vec::new();
+    for device_id in ["phone", "laptop"] {
+        let hello = pb::ConnectHello {
+            device_id: device_id.into(),
+            ..Default::default()
+        };
+        let session = Session::open(support::channel(&server), &alice, hello)
+            .await
+            .unwrap();
+        presence_of(&presence, &alice, "alice", session.device.revision).await;
+        sessions.push(session);
+    }
+    let mut etcd_client = etcd.client().await;
+    let record_key = |device: &str| format!("{prefix}/presence/AC1/alice/{device}");
+    let lease_of = |kvs: &[etcd_client::KeyValue]| kvs.first().map(|kv| kv.lease());
+    let old = lease_of(
+        etcd_client
+            .get(record_key("phone"), None)
+            .await
+            .unwrap()
+            .kvs(),
+    )
+    .expect("the session's record is in etcd");
+    assert_ne!(old, 0, "a stream record is under the replica lease");
+    etcd_client.lease_revoke(old).await.unwrap();
+
+    // Both records come back under another lease.
+    let revived = integration::poll_until(
+        "both records under a new lease",
+        Duration::from_secs(15),
+        || {
+            let mut etcd_client = etcd_client.clone();
+            let keys = [record_key("phone"), record_key("laptop")];
+            async move {
+                let mut leases = Vec::new();
+                for key in keys {
+                    let found = etcd_client.get(key, None).await.ok()?;
+                    leases.push(lease_of(found.kvs())?);
+                }
+                leases.iter().all(|l| *l != old).then_some(leases)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        revived[0], revived[1],
+        "both under the replica's one new lease"
+    );
+    wait_for_devices(&presence, &alice, "alice", 2, Duration::from_secs(5)).await;
+    for session in &mut sessions {
+        // The replica told the client its record was written again...
+        let Recv::Registered(again) = session.next().await else {
+            panic!("expected `registered` after the record was written again");
+        };
+        let again = again.device.unwrap();
+        assert!(again.revision > session.device.revision);
+        // ...and the stream still answers.
+        session
+            .send(Send::Status(pb::ConnectStatus {
+                status: pb::Status::Busy as i32,
+                attributes: Default::default(),
+            }))
+            .await;
+        let Recv::Registered(busy) = session.next().await else {
+            panic!("expected `registered` after a status change");
+        };
+        assert_eq!(busy.device.unwrap().status, pb::Status::Busy as i32);
+    }
+    assert!(
+        !server.join.is_finished(),
+        "the replica stopped on losing its lease"
+    );
+    drop(sessions);
+    server.shutdown().await.unwrap();
+}

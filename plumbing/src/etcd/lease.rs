@@ -5,6 +5,10 @@
 //! answers `ttl <= 0` the lease is gone (expired or revoked elsewhere), and when no
 //! keep-alive has succeeded for a whole TTL the lease must be assumed gone too. Either way
 //! the [`Lease::lost`] token fires so the owner can stop using keys bound to it.
+//!
+//! Then the keeper grants a new lease (retrying until etcd answers) and publishes its id
+//! on [`Lease::changes`]: a replica whose lease expired behind its back (a long pause, a
+//! partition from etcd) can put its records back under the new one instead of stopping.
 
 use std::time::Duration;
 
@@ -26,7 +30,7 @@ pub enum LeaseLost {
 /// A granted lease and the task keeping it alive.
 #[derive(Debug)]
 pub struct Lease {
-    id: i64,
+    id: tokio::sync::watch::Receiver<i64>,
     ttl: i64,
     lost: CancellationToken,
     reason: std::sync::Arc<std::sync::OnceLock<LeaseLost>>,
@@ -44,13 +48,14 @@ impl Lease {
                 client.lease_grant(ttl, None).await
             })
             .await?;
-        let (id, ttl) = (granted.id(), granted.ttl());
+        let (first, ttl) = (granted.id(), granted.ttl());
+        let (id_tx, id) = tokio::sync::watch::channel(first);
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
         let reason = std::sync::Arc::new(std::sync::OnceLock::new());
         let keeper = tokio::spawn(keep_alive(
             session.clone(),
-            id,
+            id_tx,
             ttl,
             lost.clone(),
             reason.clone(),
@@ -67,9 +72,15 @@ impl Lease {
         })
     }
 
-    /// The etcd lease id, to attach keys with `PutOptions::with_lease`.
+    /// The etcd lease id in force now, to attach keys with `PutOptions::with_lease` (it
+    /// changes once the lease was lost and a new one granted).
     pub fn id(&self) -> i64 {
-        self.id
+        *self.id.borrow()
+    }
+
+    /// The lease id in force, changing each time a lost lease is replaced.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.id.clone()
     }
 
     /// The TTL etcd granted, in seconds.
@@ -77,7 +88,8 @@ impl Lease {
         self.ttl
     }
 
-    /// Fires when the lease is gone; every key attached to it is gone too.
+    /// Fires when the first lease is gone; every key attached to it is gone too. (The
+    /// keeper goes on with a new lease: see [`Lease::changes`].)
     pub fn lost(&self) -> CancellationToken {
         self.lost.clone()
     }
@@ -91,9 +103,10 @@ impl Lease {
     pub async fn revoke(mut self) -> Result<(), EtcdError> {
         self.stop.cancel();
         let _ = (&mut self.keeper).await;
+        let id = self.id();
         let mut client = self.session.client();
         self.session
-            .bounded(client.lease_revoke(self.id))
+            .bounded(client.lease_revoke(id))
             .await
             .map(|_| ())
     }
@@ -108,12 +121,49 @@ impl Drop for Lease {
 
 async fn keep_alive(
     session: EtcdSession,
-    id: i64,
+    ids: tokio::sync::watch::Sender<i64>,
     ttl: i64,
     lost: CancellationToken,
     reason: std::sync::Arc<std::sync::OnceLock<LeaseLost>>,
     stop: CancellationToken,
 ) {
+    let mut id = *ids.borrow();
+    loop {
+        let why = tokio::select! {
+            _ = stop.cancelled() => return,
+            why = keep_one(&session, id, ttl) => why,
+        };
+        declare_lost(id, &lost, &reason, why);
+        // Replace it: the owner puts its records back under the new lease.
+        id = tokio::select! {
+            _ = stop.cancelled() => return,
+            id = grant_again(&session, ttl) => id,
+        };
+        tracing::warn!(lease = id, "a new etcd lease replaces the lost one");
+        ids.send_replace(id);
+    }
+}
+
+/// Grants a lease of `ttl`, retrying until etcd grants one.
+async fn grant_again(session: &EtcdSession, ttl: i64) -> i64 {
+    loop {
+        let granted = session
+            .retry(super::CALL_DEADLINE, |mut client| async move {
+                client.lease_grant(ttl, None).await
+            })
+            .await;
+        match granted {
+            Ok(granted) => return granted.id(),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot grant a new etcd lease yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Keeps lease `id` alive until it is lost; answers why.
+async fn keep_one(session: &EtcdSession, id: i64, ttl: i64) -> LeaseLost {
     let period = Duration::from_millis((ttl.max(1) as u64 * 1000 / 3).max(200));
     let mut deadline = Instant::now() + Duration::from_secs(ttl.max(1) as u64);
     let mut client = session.client().lease_client();
@@ -121,10 +171,7 @@ async fn keep_alive(
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+        ticker.tick().await;
         let attempt = tokio::time::timeout(period, async {
             if stream.is_none() {
                 // A new stream goes to the member preferred now, not the one that failed.
@@ -149,11 +196,11 @@ async fn keep_alive(
             Ok(Ok(remaining)) if remaining > 0 => {
                 deadline = Instant::now() + Duration::from_secs(remaining as u64);
             }
-            Ok(Ok(_)) => return declare_lost(id, &lost, &reason, LeaseLost::Expired),
+            Ok(Ok(_)) => return LeaseLost::Expired,
             Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
                 if message.contains("not found") =>
             {
-                return declare_lost(id, &lost, &reason, LeaseLost::Expired);
+                return LeaseLost::Expired;
             }
             Ok(Err(err)) => {
                 tracing::warn!(lease = id, error = %err, "lease keep-alive failed; retrying");
@@ -170,7 +217,7 @@ async fn keep_alive(
             }
         }
         if Instant::now() >= deadline {
-            return declare_lost(id, &lost, &reason, LeaseLost::Unreachable);
+            return LeaseLost::Unreachable;
         }
     }
 }
@@ -182,6 +229,7 @@ fn declare_lost(
     why: LeaseLost,
 ) {
     tracing::error!(lease = id, reason = ?why, "etcd lease lost");
+    // The first loss is the one `lost` and `lost_reason` report.
     let _ = reason.set(why);
     lost.cancel();
 }

@@ -123,6 +123,19 @@ impl DeviceStore {
         }
     }
 
+    /// Whether etcd still has lease `lease` (a record that vanished while its lease lives
+    /// was removed by someone, not by the lease's end). Unknown (etcd unreachable) counts
+    /// as gone: the caller then waits for a new lease, which only a lost one brings.
+    pub async fn lease_alive(&self, lease: i64) -> bool {
+        let session = &self.inner.session;
+        let answer = session
+            .retry(plumbing::etcd::CALL_DEADLINE, |mut client| async move {
+                client.lease_time_to_live(lease, None).await
+            })
+            .await;
+        answer.is_ok_and(|live| live.ttl() > 0)
+    }
+
     /// The cache the store decides with.
     pub fn cache(&self) -> &PresenceCache {
         &self.inner.cache
