@@ -13,13 +13,11 @@ use std::time::{Duration, Instant};
 use integration::{EtcdCluster, ServiceProcess, Tokens, poll_until, unique_prefix};
 use proto::limiter::v1 as lpb;
 use proto::presence::v1 as pb;
-use proto::presence::v1::connect_request::Kind as Send;
-use proto::presence::v1::connect_response::Kind as Recv;
 use tonic::{Code, Status};
 
 use crate::fault_support::{
-    Load, Watcher, acquire_request, admin, channel, device_token, limiter, presence, presence_at,
-    release, resources_over_all_shards, set_limit,
+    Load, Watcher, acquire_request, admin, assert_counted_exactly, channel, device_token, hold,
+    limiter, pairs_over_all_shards, presence, presence_at, release, set_limit,
 };
 use crate::presence_support::Session;
 
@@ -176,15 +174,7 @@ async fn presence_sessions_stay_present_through_an_etcd_leader_kill() {
     );
     // Every session still answers on its stream (a status change is confirmed).
     for session in &mut sessions {
-        session
-            .send(Send::Status(pb::ConnectStatus {
-                status: pb::Status::Busy as i32,
-                attributes: Default::default(),
-            }))
-            .await;
-        let Recv::Registered(_) = session.next().await else {
-            panic!("expected `registered` after a status change");
-        };
+        session.confirm_status(pb::Status::Busy).await;
     }
     // The watcher saw every Register (invariant 3 through the leader change) and no
     // session leave.
@@ -239,38 +229,8 @@ async fn the_limiter_outage_through_an_etcd_leader_kill_is_bounded_and_counts_st
     }
     let addrs = [replicas[0].addr, replicas[1].addr];
     set_limit(addrs[0], "held", 3).await;
-    let mut held = Vec::new();
-    for i in 0..3 {
-        let answer = poll_until("a grant", Duration::from_secs(10), || async {
-            let answer = limiter(addrs[i % 2])
-                .acquire(Tokens::request(&admin(), acquire_request("held", 60, 0)))
-                .await
-                .ok()?
-                .into_inner();
-            (answer.decision == lpb::Decision::Granted as i32).then_some(answer)
-        })
-        .await;
-        held.push(answer.slot_id);
-    }
-
-    let resources = Arc::new(resources_over_all_shards("load"));
-    let pairs = Load::start("Acquire+Release", 4, Duration::from_millis(10), {
-        move |worker, i| {
-            let resource = resources[(worker * 17 + i as usize) % resources.len()].clone();
-            let addr = addrs[(worker + i as usize) % 2];
-            async move {
-                let answer = limiter(addr)
-                    .acquire(Tokens::request(&admin(), acquire_request(&resource, 5, 0)))
-                    .await?
-                    .into_inner();
-                if answer.decision != lpb::Decision::Granted as i32 {
-                    return Err(Status::resource_exhausted("rejected"));
-                }
-                release(addr, &answer.slot_id).await?;
-                Ok(())
-            }
-        }
-    });
+    let held = hold(&addrs, "held", 3).await;
+    let pairs = pairs_over_all_shards(addrs.to_vec());
     more_successes(&pairs, 40).await;
 
     let (killed, killed_at, elected_at) = kill_leader(&mut cluster).await;
@@ -304,18 +264,7 @@ async fn the_limiter_outage_through_an_etcd_leader_kill_is_bounded_and_counts_st
         "unexpected failures: {:?}",
         pairs.codes()
     );
-    for addr in addrs {
-        let answer = limiter(addr)
-            .acquire(Tokens::request(&admin(), acquire_request("held", 60, 0)))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            (answer.decision, answer.in_flight, answer.limit),
-            (lpb::Decision::Rejected as i32, 3, 3),
-            "the slots held across the leader kill are not counted exactly"
-        );
-    }
+    assert_counted_exactly(&addrs, "held", 3).await;
     assert!(release(addrs[1], &held[0]).await.unwrap());
     let again = limiter(addrs[0])
         .acquire(Tokens::request(&admin(), acquire_request("held", 60, 0)))

@@ -9,17 +9,15 @@
 //!   election; after SIGCONT the frozen member's stale requests change nothing — slots
 //!   held across it are counted exactly.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration::{EtcdCluster, ServiceProcess, Tokens, poll_until, unique_prefix};
-use proto::limiter::v1 as lpb;
 use proto::presence::v1 as pb;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::fault_support::{
-    Load, LoadReport, acquire_request, admin, device_token, limiter, presence, release,
-    resources_over_all_shards, set_limit,
+    Load, LoadReport, assert_counted_exactly, device_token, hold, pairs_over_all_shards, presence,
+    set_limit,
 };
 
 /// DESIGN.md §5 invariant 6: no key or identity more than 2 s without service.
@@ -50,17 +48,7 @@ impl World {
         let presence_addr = replicas[0].addr;
         let limiters = [replicas[1].addr, replicas[2].addr];
         set_limit(limiters[0], "held", 3).await;
-        for i in 0..3 {
-            poll_until("a grant of `held`", Duration::from_secs(10), || async {
-                let answer = limiter(limiters[i % 2])
-                    .acquire(Tokens::request(&admin(), acquire_request("held", 120, 0)))
-                    .await
-                    .ok()?
-                    .into_inner();
-                (answer.decision == lpb::Decision::Granted as i32).then_some(())
-            })
-            .await;
-        }
+        hold(&limiters, "held", 3).await;
         let registers = Load::start(
             "Register",
             2,
@@ -77,24 +65,7 @@ impl World {
                 Ok(())
             },
         );
-        let resources = Arc::new(resources_over_all_shards("load"));
-        let pairs = Load::start("Acquire+Release", 4, Duration::from_millis(10), {
-            move |worker, i| {
-                let resource = resources[(worker * 17 + i as usize) % resources.len()].clone();
-                let addr = limiters[(worker + i as usize) % 2];
-                async move {
-                    let answer = limiter(addr)
-                        .acquire(Tokens::request(&admin(), acquire_request(&resource, 5, 0)))
-                        .await?
-                        .into_inner();
-                    if answer.decision != lpb::Decision::Granted as i32 {
-                        return Err(Status::resource_exhausted("rejected"));
-                    }
-                    release(addr, &answer.slot_id).await?;
-                    Ok(())
-                }
-            }
-        });
+        let pairs = pairs_over_all_shards(limiters.to_vec());
         let world = Self {
             cluster,
             replicas,
@@ -132,18 +103,7 @@ impl World {
                 "a replica exited during the fault"
             );
         }
-        for addr in self.limiters {
-            let answer = limiter(addr)
-                .acquire(Tokens::request(&admin(), acquire_request("held", 60, 0)))
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(
-                (answer.decision, answer.in_flight, answer.limit),
-                (lpb::Decision::Rejected as i32, 3, 3),
-                "the slots held across the fault are not counted exactly"
-            );
-        }
+        assert_counted_exactly(&self.limiters, "held", 3).await;
         (registers, pairs)
     }
 }

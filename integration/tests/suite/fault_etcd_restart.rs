@@ -15,8 +15,6 @@ use integration::{Etcd, ServiceProcess, Tokens, poll_until, unique_prefix};
 use plumbing::auth::Scope;
 use proto::limiter::v1 as lpb;
 use proto::presence::v1 as pb;
-use proto::presence::v1::connect_request::Kind as Send;
-use proto::presence::v1::connect_response::Kind as Recv;
 use proto::presence::v1::key_service_client::KeyServiceClient;
 use proto::router::v1 as rpb;
 use tonic::Code;
@@ -189,15 +187,7 @@ async fn presence_sessions_watches_and_keys_recover_from_a_restart_of_all_etcd()
         }
     }
     for session in [&mut alice, &mut bob] {
-        session
-            .send(Send::Status(pb::ConnectStatus {
-                status: pb::Status::Busy as i32,
-                attributes: Default::default(),
-            }))
-            .await;
-        let Recv::Registered(_) = session.next().await else {
-            panic!("expected `registered` after a status change");
-        };
+        session.confirm_status(pb::Status::Busy).await;
     }
 
     // Key disable through one replica reaches the other's key mirror.

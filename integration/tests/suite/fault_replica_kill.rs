@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use integration::{Etcd, ServiceProcess, Tokens, poll_until, unique_prefix};
 use proto::limiter::v1 as lpb;
 use proto::presence::v1 as pb;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::fault_support::{
-    Load, Watcher, acquire_request, admin, await_even_split_of_two, channel, device_token, limiter,
-    presence_at, release, resources_over_all_shards, set_limit,
+    Load, Watcher, acquire_and_release, acquire_request, admin, await_even_split_of_two, channel,
+    device_token, limiter, presence_at, release, resources_over_all_shards, set_limit,
 };
 use crate::presence_support::Session;
 
@@ -152,17 +152,7 @@ async fn a_killed_limiter_s_shards_are_served_again_within_the_replica_ttl() {
             let resources = resources.clone();
             move |worker, i| {
                 let resource = resources[(worker * 17 + i as usize) % resources.len()].clone();
-                async move {
-                    let answer = limiter(addr)
-                        .acquire(Tokens::request(&admin(), acquire_request(&resource, 5, 0)))
-                        .await?
-                        .into_inner();
-                    if answer.decision != lpb::Decision::Granted as i32 {
-                        return Err(Status::resource_exhausted("rejected"));
-                    }
-                    release(addr, &answer.slot_id).await?;
-                    Ok(())
-                }
+                async move { acquire_and_release(addr, &resource).await }
             }
         },
     );

@@ -27,9 +27,10 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::fault_support::{
-    ACCOUNT, Load, LoadReport, Watcher, acquire_request, admin, await_even_split_of_two, channel,
-    device_task, device_token, keys_under, limiter, presence, presence_at, put_app, put_dial_app,
-    release, resources_over_all_shards, route, route_on, router, set_limit, usage, values_under,
+    ACCOUNT, Load, LoadReport, Watcher, acquire_and_release, acquire_request, admin,
+    await_even_split_of_two, channel, device_task, device_token, keys_under, limiter, presence,
+    presence_at, put_app, put_dial_app, release, resources_over_all_shards, route, route_on,
+    router, set_limit, usage, values_under,
 };
 use crate::presence_support::Session;
 
@@ -252,15 +253,7 @@ async fn a_limiter_replica_drains_on_sigterm_under_load() {
     )
     .await;
     let pair = move |target: std::net::SocketAddr, resource: String| async move {
-        let answer = limiter(target)
-            .acquire(Tokens::request(&admin(), acquire_request(&resource, 5, 0)))
-            .await?
-            .into_inner();
-        if answer.decision != lpb::Decision::Granted as i32 {
-            return Err(Status::resource_exhausted("rejected"));
-        }
-        release(target, &answer.slot_id).await?;
-        Ok(())
+        acquire_and_release(target, &resource).await
     };
     // The call measured on the stopping replica is the Acquire; its Release is a second
     // call that may come after the signal, so a refused one only leaves a 5 s slot behind.

@@ -141,6 +141,71 @@ pub async fn release(addr: SocketAddr, slot_id: &str) -> Result<bool, Status> {
     Ok(response.into_inner().released)
 }
 
+/// One Acquire (hold 5 s) and its Release through `addr`; a rejection is an error.
+pub async fn acquire_and_release(addr: SocketAddr, resource: &str) -> Result<(), Status> {
+    let answer = limiter(addr)
+        .acquire(Tokens::request(&admin(), acquire_request(resource, 5, 0)))
+        .await?
+        .into_inner();
+    if answer.decision != lpb::Decision::Granted as i32 {
+        return Err(Status::resource_exhausted("rejected"));
+    }
+    release(addr, &answer.slot_id).await?;
+    Ok(())
+}
+
+/// Four workers making Acquire+Release pairs on keys over all 48 shards, each pair
+/// through the next of `addrs` in turn.
+pub fn pairs_over_all_shards(addrs: Vec<SocketAddr>) -> Load {
+    let resources = Arc::new(resources_over_all_shards("load"));
+    Load::start(
+        "Acquire+Release",
+        4,
+        Duration::from_millis(10),
+        move |worker, i| {
+            let resource = resources[(worker * 17 + i as usize) % resources.len()].clone();
+            let addr = addrs[(worker + i as usize) % addrs.len()];
+            async move { acquire_and_release(addr, &resource).await }
+        },
+    )
+}
+
+/// Takes `n` slots of `resource` (held 120 s), alternating over `addrs`, waiting for
+/// each grant; answers their slot ids.
+pub async fn hold(addrs: &[SocketAddr], resource: &str, n: usize) -> Vec<String> {
+    let mut held = Vec::new();
+    for i in 0..n {
+        let answer = poll_until("a grant", Duration::from_secs(10), || async {
+            let answer = limiter(addrs[i % addrs.len()])
+                .acquire(Tokens::request(&admin(), acquire_request(resource, 120, 0)))
+                .await
+                .ok()?
+                .into_inner();
+            (answer.decision == lpb::Decision::Granted as i32).then_some(answer)
+        })
+        .await;
+        held.push(answer.slot_id);
+    }
+    held
+}
+
+/// Asserts that every replica of `addrs` rejects `resource` with `in_flight` = limit =
+/// `n`: the slots held across a fault are counted exactly.
+pub async fn assert_counted_exactly(addrs: &[SocketAddr], resource: &str, n: u32) {
+    for addr in addrs {
+        let answer = limiter(*addr)
+            .acquire(Tokens::request(&admin(), acquire_request(resource, 60, 0)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (answer.decision, answer.in_flight, answer.limit),
+            (lpb::Decision::Rejected as i32, n, n),
+            "the slots of `{resource}` held across the fault are not counted exactly on {addr}"
+        );
+    }
+}
+
 /// Resource names of account [`ACCOUNT`] that together fall into every one of the
 /// limiter's shards, one name per shard, found with the documented shard hash.
 pub fn resources_over_all_shards(stem: &str) -> Vec<String> {

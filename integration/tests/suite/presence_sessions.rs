@@ -258,16 +258,8 @@ async fn a_replica_whose_lease_is_revoked_keeps_its_sessions_under_a_new_lease()
         let again = again.device.unwrap();
         assert!(again.revision > session.device.revision);
         // ...and the stream still answers.
-        session
-            .send(Send::Status(pb::ConnectStatus {
-                status: pb::Status::Busy as i32,
-                attributes: Default::default(),
-            }))
-            .await;
-        let Recv::Registered(busy) = session.next().await else {
-            panic!("expected `registered` after a status change");
-        };
-        assert_eq!(busy.device.unwrap().status, pb::Status::Busy as i32);
+        let busy = session.confirm_status(pb::Status::Busy).await;
+        assert_eq!(busy.status, pb::Status::Busy as i32);
     }
     assert!(
         !server.join.is_finished(),

@@ -252,6 +252,20 @@ impl Session {
             .unwrap();
     }
 
+    /// Changes the session's status over the stream and waits for the confirming
+    /// `registered`; answers the device as stored.
+    pub async fn confirm_status(&mut self, status: pb::Status) -> pb::Device {
+        self.send(Send::Status(pb::ConnectStatus {
+            status: status as i32,
+            attributes: Default::default(),
+        }))
+        .await;
+        let Recv::Registered(registered) = self.next().await else {
+            panic!("expected `registered` after a status change");
+        };
+        registered.device.expect("`registered` carries the device")
+    }
+
     /// Sends a message with nothing set.
     pub async fn send_empty(&self) {
         self.sender

@@ -111,7 +111,6 @@ enum Event {
 #[derive(Debug, Default)]
 struct InFlight {
     txns: usize,
-    slots: HashSet<SlotId>,
     per_shard: HashMap<u16, usize>,
 }
 
@@ -119,7 +118,6 @@ impl InFlight {
     fn begin(&mut self, writes: &[Write]) {
         self.txns += 1;
         for write in writes {
-            self.slots.insert(write.id().clone());
             *self.per_shard.entry(write.shard()).or_default() += 1;
         }
     }
@@ -129,7 +127,6 @@ impl InFlight {
         self.txns = self.txns.saturating_sub(1);
         let mut drained = Vec::new();
         for write in writes {
-            self.slots.remove(write.id());
             if let Some(count) = self.per_shard.get_mut(&write.shard()) {
                 *count -= 1;
                 if *count == 0 {

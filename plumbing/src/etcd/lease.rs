@@ -42,13 +42,7 @@ pub struct Lease {
 impl Lease {
     /// Grants a lease of `ttl` seconds and starts keeping it alive.
     pub async fn grant(session: &EtcdSession, ttl: i64) -> Result<Self, EtcdError> {
-        // A repeated grant at worst leaves a spare lease that nobody keeps alive: it expires.
-        let granted = session
-            .retry(super::CALL_DEADLINE, |mut client| async move {
-                client.lease_grant(ttl, None).await
-            })
-            .await?;
-        let (first, ttl) = (granted.id(), granted.ttl());
+        let (first, ttl) = grant_one(session, ttl).await?;
         let (id_tx, id) = tokio::sync::watch::channel(first);
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -144,16 +138,22 @@ async fn keep_alive(
     }
 }
 
+/// Grants a lease of `ttl` seconds; answers its id and the TTL etcd granted. A repeated
+/// grant at worst leaves a spare lease that nobody keeps alive: it expires.
+async fn grant_one(session: &EtcdSession, ttl: i64) -> Result<(i64, i64), EtcdError> {
+    let granted = session
+        .retry(super::CALL_DEADLINE, |mut client| async move {
+            client.lease_grant(ttl, None).await
+        })
+        .await?;
+    Ok((granted.id(), granted.ttl()))
+}
+
 /// Grants a lease of `ttl`, retrying until etcd grants one.
 async fn grant_again(session: &EtcdSession, ttl: i64) -> i64 {
     loop {
-        let granted = session
-            .retry(super::CALL_DEADLINE, |mut client| async move {
-                client.lease_grant(ttl, None).await
-            })
-            .await;
-        match granted {
-            Ok(granted) => return granted.id(),
+        match grant_one(session, ttl).await {
+            Ok((id, _)) => return id,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot grant a new etcd lease yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;

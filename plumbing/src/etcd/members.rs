@@ -86,12 +86,6 @@ impl Members {
         member.client.read().ok()?.clone()
     }
 
-    /// The endpoint requests go to now (for logs and tests).
-    pub(crate) fn preferred_endpoint(&self) -> Option<&str> {
-        let index = self.preferred.load(Ordering::Relaxed);
-        self.members.get(index).map(|m| m.endpoint.as_str())
-    }
-
     async fn probe(&self, index: usize) -> Probe {
         let member = &self.members[index];
         let existing = member.client.read().ok().and_then(|c| c.clone());

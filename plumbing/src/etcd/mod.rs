@@ -123,14 +123,6 @@ pub enum Retried {
     Unanswered(String),
 }
 
-impl EtcdError {
-    /// Whether the request may succeed if sent again (etcd was unreachable, leaderless or
-    /// slow), as opposed to a refusal or bad data that a retry repeats.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, EtcdError::Unavailable(_))
-    }
-}
-
 /// Whether etcd-client's `err` is transient: the member could not be reached, had no
 /// leader, lost its leader mid-request, or timed out. Refusals (permissions, bad requests,
 /// compaction) are not.
@@ -255,13 +247,6 @@ impl EtcdSession {
             .as_ref()
             .and_then(|m| m.pick())
             .unwrap_or_else(|| self.client.clone())
-    }
-
-    /// The endpoint requests go to now, when a member was chosen by its probes.
-    pub fn preferred_endpoint(&self) -> Option<String> {
-        self.members
-            .as_ref()
-            .and_then(|m| m.preferred_endpoint().map(str::to_owned))
     }
 
     /// Runs a request that is safe to send more than once (a read, a txn whose compares
