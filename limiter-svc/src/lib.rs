@@ -306,14 +306,14 @@ pub async fn run_with(
         &replica.session,
         &replica.replica_id,
         &advertise,
-        replica.lease.id(),
+        replica.lease.changes(),
     )
     .await?;
     let engine = engine::start(engine::EngineConfig {
         session: replica.session.clone(),
         replica_id: replica.replica_id.clone(),
         address: advertise.clone(),
-        replica_lease: replica.lease.id(),
+        replica_lease: replica.lease.changes(),
         lease_lost: replica.lease.lost(),
         limits: limits.clone(),
         view: membership.view.clone(),

@@ -42,22 +42,62 @@ pub struct Membership {
     pub view: watch::Receiver<View>,
     session: EtcdSession,
     key: String,
+    /// Stops re-registering (on leave and on drop).
+    rejoin: tokio_util::sync::CancellationToken,
     _mirrors: [Mirror; 2],
 }
 
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.rejoin.cancel();
+    }
+}
+
 impl Membership {
-    /// Registers this replica and starts mirroring members and shard owners.
+    /// Registers this replica under the lease in force in `leases`, registers it again
+    /// under each lease that replaces a lost one, and starts mirroring members and shard
+    /// owners.
     pub async fn join(
         session: &EtcdSession,
         replica_id: &str,
         address: &str,
-        lease: i64,
+        mut leases: watch::Receiver<i64>,
     ) -> Result<Self, EtcdError> {
-        let mut client = session.client();
         let key = session.key(&format!("limiter/members/{replica_id}"));
-        session
-            .bounded(client.put(key, address, Some(PutOptions::new().with_lease(lease))))
-            .await?;
+        let lease = *leases.borrow_and_update();
+        register(session, &key, address, lease).await?;
+        let rejoin = tokio_util::sync::CancellationToken::new();
+        {
+            let (session, key, address) = (session.clone(), key.clone(), address.to_owned());
+            let stop = rejoin.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        changed = leases.changed() => if changed.is_err() { return },
+                    }
+                    let lease = *leases.borrow_and_update();
+                    // Until it answers: a replica out of the membership gets no shards.
+                    loop {
+                        let put = register(&session, &key, &address, lease);
+                        let result = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            result = put => result,
+                        };
+                        match result {
+                            Ok(()) => {
+                                tracing::warn!(lease, "rejoined the membership under a new replica lease");
+                                break;
+                            }
+                            Err(err) => {
+                                tracing::warn!(lease, error = %err, "cannot rejoin the membership yet; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
         let (tx, view) = watch::channel(View::default());
         let state = Arc::new(RwLock::new(View::default()));
         let members = {
@@ -83,7 +123,8 @@ impl Membership {
         Ok(Self {
             view,
             session: session.clone(),
-            key: session.key(&format!("limiter/members/{replica_id}")),
+            key,
+            rejoin,
             _mirrors: [members, shards],
         })
     }
@@ -92,11 +133,33 @@ impl Membership {
     /// others drop it from the assignment and take its shards as it hands them off.
     pub fn leave(&self) -> impl Future<Output = Result<(), EtcdError>> + Send + 'static {
         let (session, key) = (self.session.clone(), self.key.clone());
+        let rejoin = self.rejoin.clone();
         async move {
+            rejoin.cancel();
             let mut client = session.client();
             session.bounded(client.delete(key, None)).await.map(|_| ())
         }
     }
+}
+
+/// Puts this replica's membership key under `lease` (a put is safe to repeat).
+async fn register(
+    session: &EtcdSession,
+    key: &str,
+    address: &str,
+    lease: i64,
+) -> Result<(), EtcdError> {
+    session
+        .retry(plumbing::etcd::CALL_DEADLINE, |mut client| {
+            let (key, address) = (key.to_owned(), address.to_owned());
+            async move {
+                client
+                    .put(key, address, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await
+        .map(|_| ())
 }
 
 fn apply_member(view: &mut View, prefix: &str, update: MirrorUpdate) {

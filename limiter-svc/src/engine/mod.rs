@@ -63,9 +63,11 @@ pub struct EngineConfig {
     pub replica_id: String,
     /// This replica's address (written into ownership keys).
     pub address: String,
-    /// The replica lease: ownership keys are attached to it.
-    pub replica_lease: i64,
-    /// Fires when the replica lease is lost.
+    /// The replica lease in force: ownership keys are attached to it. It changes when a
+    /// lost lease is replaced; every shard claimed under the old one is given up then.
+    pub replica_lease: watch::Receiver<i64>,
+    /// Fires when the first replica lease is lost (later losses show as lease changes and
+    /// as ownership keys vanishing from the view).
     pub lease_lost: CancellationToken,
     /// Limits in force.
     pub limits: LimitTable,
@@ -214,6 +216,8 @@ impl Engine {
         let mut limits = self.config.limits.changes();
         let mut view = self.config.view.clone();
         let lost = self.config.lease_lost.clone();
+        let mut lease = self.config.replica_lease.clone();
+        let mut lost_seen = false;
         loop {
             tokio::select! {
                 command = commands.recv() => {
@@ -231,11 +235,17 @@ impl Engine {
                 }
                 Ok(()) = limits.changed() => self.drain_all_queues(),
                 Ok(()) = view.changed() => self.rebalance(),
-                _ = lost.cancelled(), if !self.owned.borrow().is_empty() => {
+                _ = lost.cancelled(), if !lost_seen => {
+                    lost_seen = true;
                     tracing::error!("replica lease lost: giving up every shard");
-                    for shard in 0..SHARDS {
-                        self.give_up(shard);
-                    }
+                    self.give_up_all();
+                }
+                Ok(()) = lease.changed() => {
+                    // Everything claimed under the old lease is gone from etcd; claim again
+                    // under the new one once the membership is back (`rebalance`).
+                    tracing::warn!(lease = *lease.borrow(), "a new replica lease: giving up every shard claimed under the old one");
+                    self.give_up_all();
+                    self.rebalance();
                 }
             }
             if self.in_flight.txns < MAX_TXNS_IN_FLIGHT && !self.pending.is_empty() {
@@ -651,7 +661,9 @@ impl Engine {
         self.nonces += 1;
         format!(
             "{}/{:x}/{}",
-            self.config.replica_id, self.config.replica_lease, self.nonces
+            self.config.replica_id,
+            *self.config.replica_lease.borrow(),
+            self.nonces
         )
     }
 

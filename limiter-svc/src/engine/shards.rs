@@ -188,7 +188,7 @@ impl Engine {
             Fence::Claim {
                 replica_id: self.config.replica_id.clone(),
                 address: self.config.address.clone(),
-                lease: self.config.replica_lease,
+                lease: *self.config.replica_lease.borrow(),
             },
         );
         spawn_load(shard, load, &self.events);
@@ -377,6 +377,15 @@ impl Engine {
             _ => {}
         }
         self.publish_owned();
+    }
+
+    /// Gives up every shard not already unowned (the replica lease was lost).
+    pub(super) fn give_up_all(&mut self) {
+        for shard in 0..SHARDS {
+            if !matches!(self.shards[usize::from(shard)], ShardState::Unowned { .. }) {
+                self.give_up(shard);
+            }
+        }
     }
 
     pub(super) fn give_up(&mut self, shard: u16) {
