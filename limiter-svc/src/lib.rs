@@ -106,6 +106,18 @@
 //!   zombie owner that has not noticed yet can go on granting from its blocks in memory, but
 //!   only within them — at most `n` slots until `e` — exactly what the successor counts as
 //!   held. It cannot grow a block or write an exact slot (fenced), so it cannot exceed that.
+//! - *Its own lease lost, the replica alive* (revoked, or expired through a long pause): the
+//!   lease keeper grants a new lease and publishes it (`Lease::changes`). The engine then
+//!   gives up every shard — each waiter is answered NotOwner and retried by the routing
+//!   layer, the in-memory table and its escrow slots are dropped — and the membership key is
+//!   written again under the new lease. Until then the replica is exactly the zombie above:
+//!   its ownership keys vanished with the old lease, so every txn it sends fails its fence
+//!   and only grants within blocks it already had can be answered. It claims shards again
+//!   like any successor, at a new create revision, reading the shard in the claim txn: exact
+//!   slots held through the loss come back as exact slots (still releasable by their ids),
+//!   its old blocks come back as phantoms counted until their expiry. Nonces carry the lease
+//!   id and a counter that is never reset, so a marker written under the old lease is never
+//!   taken for one of the new claim's commits.
 //! - *Planned handoff*: the old owner decides nothing more for the shard before it writes
 //!   it out; it writes the escrow slots as exact records before deleting their blocks, so
 //!   the statement holds after every txn of the sequence; the new owner reads the shard in

@@ -1347,3 +1347,103 @@ async fn the_shard_map_names_each_keys_owner_and_forwarded_replies_say_so() {
         r.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_limiter_replica_whose_lease_is_revoked_rejoins_under_a_new_lease() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let server = support::limiter(&etcd, &prefix, 100).await;
+    let mut limiter = client(server.addr);
+    set_limit(&mut limiter, "AC1", "calls", 3, false).await;
+    ready(&limiter, "AC1", "calls").await;
+    let held = [
+        acquire(&mut limiter, "AC1", "calls", 60).await,
+        acquire(&mut limiter, "AC1", "calls", 60).await,
+    ];
+    assert!(held.iter().all(granted), "two slots held before the loss");
+
+    let mut etcd_client = etcd.client().await;
+    let lease_of = |kvs: &[etcd_client::KeyValue]| kvs.first().map(|kv| kv.lease());
+    let member_key = {
+        let members = etcd_client
+            .get(
+                format!("{prefix}/limiter/members/"),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(members.kvs().len(), 1, "one replica registered");
+        members.kvs()[0].key_str().unwrap().to_owned()
+    };
+    let old = lease_of(
+        etcd_client
+            .get(member_key.as_str(), None)
+            .await
+            .unwrap()
+            .kvs(),
+    )
+    .expect("the member key is in etcd");
+    assert_ne!(old, 0, "the member key is under the replica lease");
+    etcd_client.lease_revoke(old).await.unwrap();
+
+    // The replica registers again under a new lease and owns every shard under it.
+    let shards_prefix = format!("{prefix}/limiter/shards/");
+    let new = poll_until(
+        "the member key and all 48 ownership keys under a new lease",
+        Duration::from_secs(15),
+        || {
+            let mut etcd_client = etcd_client.clone();
+            let (member_key, shards_prefix) = (member_key.clone(), shards_prefix.clone());
+            async move {
+                let member = etcd_client.get(member_key, None).await.ok()?;
+                let lease = lease_of(member.kvs()).filter(|l| *l != old)?;
+                let shards = etcd_client
+                    .get(
+                        shards_prefix,
+                        Some(etcd_client::GetOptions::new().with_prefix()),
+                    )
+                    .await
+                    .ok()?;
+                let all =
+                    shards.kvs().len() == 48 && shards.kvs().iter().all(|kv| kv.lease() == lease);
+                all.then_some(lease)
+            }
+        },
+    )
+    .await;
+    assert_ne!(new, old);
+
+    // The two slots held through the loss are still counted, exactly: one more is granted,
+    // the next is rejected with three in flight.
+    let third = poll_until(
+        "the key served again after the lease loss",
+        Duration::from_secs(15),
+        || {
+            let mut limiter = limiter.clone();
+            async move { Some(acquire(&mut limiter, "AC1", "calls", 60).await) }
+        },
+    )
+    .await;
+    assert!(granted(&third), "a third slot fits under the limit of 3");
+    let fourth = acquire(&mut limiter, "AC1", "calls", 60).await;
+    assert_eq!(fourth.decision, pb::Decision::Rejected as i32);
+    assert_eq!(
+        fourth.in_flight, 3,
+        "the slots held through the loss were forgotten"
+    );
+
+    // And they are still releasable.
+    for slot in &held {
+        assert!(
+            release(&mut limiter, &slot.slot_id).await,
+            "a slot held through the loss could not be released"
+        );
+    }
+    let usage = usage(&mut limiter, "AC1", "calls").await.unwrap();
+    assert_eq!(usage.in_flight, 1);
+    assert!(
+        !server.join.is_finished(),
+        "the replica stopped on losing its lease"
+    );
+    server.shutdown().await.unwrap();
+}
