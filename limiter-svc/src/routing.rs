@@ -86,7 +86,10 @@ impl Membership {
                         };
                         match result {
                             Ok(()) => {
-                                tracing::warn!(lease, "rejoined the membership under a new replica lease");
+                                tracing::warn!(
+                                    lease,
+                                    "rejoined the membership under a new replica lease"
+                                );
                                 break;
                             }
                             Err(err) => {
