@@ -693,10 +693,24 @@ impl ServiceProcess {
 
     /// Sends SIGHUP (a server serving TLS reloads its certificate).
     pub async fn hangup(&self) {
+        self.signal("-HUP").await;
+    }
+
+    /// Freezes the process with SIGSTOP (a long GC pause or a partition, as etcd and its
+    /// peers see it: its lease is no longer kept alive).
+    pub async fn pause(&self) {
+        self.signal("-STOP").await;
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub async fn resume(&self) {
+        self.signal("-CONT").await;
+    }
+
+    async fn signal(&self, signal: &str) {
         if let Some(pid) = self.child.id() {
             let _ = Command::new("kill")
-                .arg("-HUP")
-                .arg(pid.to_string())
+                .args([signal, &pid.to_string()])
                 .status()
                 .await;
         }
@@ -709,13 +723,7 @@ impl ServiceProcess {
 
     /// SIGTERM, then waits for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
+        self.signal("-TERM").await;
         self.child
             .wait()
             .await
@@ -725,13 +733,7 @@ impl ServiceProcess {
     /// Sends SIGTERM without waiting (the process drains while the test watches);
     /// [`ServiceProcess::wait`] collects the exit status.
     pub async fn signal_terminate(&self) {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
+        self.signal("-TERM").await;
     }
 
     /// Waits for the process to exit; its status.

@@ -214,7 +214,7 @@ impl Runner {
                 source = self.comm.hangup_requested() => {
                     let (cancel, reason) = match source {
                         HangupSource::Api(_) => (ppb::CancelReason::CallerCanceled, LegEndReason::CallerCanceled),
-                        HangupSource::Shutdown => (ppb::CancelReason::Failed, LegEndReason::Failed),
+                        HangupSource::Shutdown | HangupSource::SettledElsewhere => (ppb::CancelReason::Failed, LegEndReason::Failed),
                     };
                     for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
                         leg.cancel(cancel);
@@ -364,13 +364,14 @@ impl Runner {
                 source = self.comm.hangup_requested() => {
                     let reason = match source {
                         HangupSource::Api(_) => ppb::EndReason::RemoteHangup,
-                        HangupSource::Shutdown => ppb::EndReason::Failed,
+                        HangupSource::Shutdown | HangupSource::SettledElsewhere => ppb::EndReason::Failed,
                     };
                     legs[winner].tell(Ask::End(ppb::OfferEnd { reason: reason as i32 }));
                     let why = match &source {
                         HangupSource::Api(reason) if !reason.is_empty() => format!("the caller hung up: {reason}"),
                         HangupSource::Api(_) => "the caller hung up".to_owned(),
                         HangupSource::Shutdown => "the router replica is stopping".to_owned(),
+                        HangupSource::SettledElsewhere => "settled by another router replica (router_lost)".to_owned(),
                     };
                     hangup = Some(source);
                     break why;

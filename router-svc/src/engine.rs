@@ -93,7 +93,7 @@ impl Engine {
                 return Ok(Found::Here(running));
             }
         };
-        match self.store.create(&comm).await {
+        match self.store.create(&live).await {
             Ok(Created::New) => {}
             Ok(Created::Exists(record)) => {
                 self.live.remove(&live);

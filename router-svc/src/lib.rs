@@ -14,15 +14,21 @@
 //! | key | value | lease |
 //! |---|---|---|
 //! | `router/apps/<account>/<address>` | application, JSON (with its signing secret) | none |
-//! | `router/comms/<account>/<communication_id>` | `StoredRecord` (protobuf): the `Communication` and its owner's address | the owner's replica lease while running; a shared retention lease once ended |
+//! | `router/comms/<account>/<communication_id>` | `StoredRecord` (protobuf): the `Communication`, its owner's address and its limiter slot | none while running; a shared retention lease once ended |
+//! | `router/owned/<lease>/<account>/<communication_id>` | the record's key: an *index entry*, naming the owner's replica lease (hex) | none; deleted with the final record |
 //!
 //! A running communication belongs to the replica that accepted it (its *owner*): the
-//! runner task, the relay streams to the devices and the limiter slot are there. Its record
-//! is attached to the owner's replica lease, so if the owner dies the record vanishes
-//! within `--replica-ttl`, the devices' offers are cancelled by presence when the relay
-//! streams break, and the slot (held for [`slot_hold`] and renewed every third of it)
-//! expires. Once ended, the final record moves to a retention lease (rotated every tenth
-//! of `--communication-retention`) and stays readable that long.
+//! runner task, the relay streams to the devices and the limiter slot are there. If the
+//! owner dies, its lease expires within `--replica-ttl` and the devices' offers are
+//! cancelled by presence when the relay streams break; then any other replica's sweep
+//! ([`lost`]) finds the index entries under the dead lease and settles them: FAILED, the
+//! ENDED event's `reason` `router_lost`, the slot (held for [`slot_hold`], renewed every
+//! third of it) released, the status callback sent. Every owner write is guarded by its
+//! index entry and every settlement by the record's revision, so exactly one of the two
+//! ends a communication ([`store`]). A replica whose lease is lost keeps serving: its
+//! communications move under the new lease. Once ended, the final record is under a
+//! retention lease (rotated every tenth of `--communication-retention`) and stays readable
+//! that long.
 //!
 //! Other replicas read records from etcd (Get, List) and forward Hangup, Watch and a
 //! retried Route to the owner (`x-switchboard-forwarded` marks a forwarded call, which is
@@ -58,6 +64,7 @@ pub mod forward;
 pub mod fuzzing;
 pub mod legs;
 pub mod live;
+pub mod lost;
 pub mod model;
 pub mod peers;
 pub mod retention;
@@ -80,7 +87,6 @@ use std::time::Duration;
 
 use clap::Args;
 use plumbing::config::CommonArgs;
-use plumbing::etcd::EtcdError;
 use plumbing::guard::{GuardArgs, GuardLayer};
 use plumbing::limits::LongCall;
 use plumbing::metrics::TxnStats;
@@ -184,7 +190,8 @@ pub async fn run(
     run_with(args, RouterArgs::default(), listener, stop).await
 }
 
-/// Serves router-svc on `listener` until `stop` resolves (or the replica lease is lost).
+/// Serves router-svc on `listener` until `stop` resolves. A lost replica lease does not stop
+/// it: the communications it runs move under the new lease ([`lost`]).
 pub async fn run_with(
     args: ServeArgs,
     router: RouterArgs,
@@ -227,7 +234,7 @@ pub async fn run_with(
         ),
         store: CommStore::start(
             &replica.session,
-            replica.lease.id(),
+            replica.lease.changes(),
             advertise,
             router.communication_retention,
             TxnStats::register(&replica.metrics, "router", "Communication record writes"),
@@ -246,18 +253,16 @@ pub async fn run_with(
         ),
     });
     let drain = args.common.drain_timeout;
-    let lost = replica.lease.lost();
-    let on_loss = {
-        let (lost, shutdown, engine) = (lost.clone(), replica.shutdown.clone(), engine.clone());
+    let sweeper = lost::start(
+        engine.clone(),
+        replica.lease.changes(),
+        lost::sweep_period(args.common.replica_ttl),
+    );
+    let on_shutdown = {
+        let (shutdown, engine) = (replica.shutdown.clone(), engine.clone());
         tokio::spawn(async move {
-            tokio::select! {
-                _ = lost.cancelled() => {
-                    tracing::error!("the replica lease was lost (etcd unreachable for a whole TTL): the communications running here are gone from etcd; stopping");
-                }
-                _ = shutdown.cancelled() => {}
-            }
+            shutdown.cancelled().await;
             engine.stop_all(drain).await;
-            shutdown.cancel();
         })
     };
     let stop = {
@@ -279,9 +284,7 @@ pub async fn run_with(
             stop,
         )
         .await;
-    on_loss.abort();
-    if lost.is_cancelled() {
-        return Err(EtcdError::Unavailable("the replica lease was lost".into()).into());
-    }
+    on_shutdown.abort();
+    sweeper.abort();
     served
 }

@@ -3,8 +3,8 @@
 //! streams), and the hangup request its runner obeys — in a [`LiveTable`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use proto::router::v1 as pb;
 use tokio::sync::{Notify, watch};
@@ -18,6 +18,9 @@ pub enum HangupSource {
     Api(String),
     /// The router replica is stopping.
     Shutdown,
+    /// Another replica settled it (`router_lost`) while this replica could not reach etcd
+    /// under its lease: it is over in etcd, so it ends here too.
+    SettledElsewhere,
 }
 
 /// One communication in progress on this replica.
@@ -32,6 +35,11 @@ pub struct LiveComm {
     /// The newest version written to etcd.
     stored: AtomicU64,
     hangup: watch::Sender<Option<HangupSource>>,
+    /// The replica lease its index entry (`router/owned/<lease>/…`) is under; 0 before the
+    /// record is created.
+    index_lease: AtomicI64,
+    /// The limiter slot it holds, once granted.
+    slot: OnceLock<String>,
 }
 
 impl LiveComm {
@@ -44,7 +52,29 @@ impl LiveComm {
             version: watch::Sender::new(0),
             stored: AtomicU64::new(0),
             hangup: watch::Sender::new(None),
+            index_lease: AtomicI64::new(0),
+            slot: OnceLock::new(),
         })
+    }
+
+    /// The replica lease its index entry is under (0 before its record is created).
+    pub fn index_lease(&self) -> i64 {
+        self.index_lease.load(Ordering::Acquire)
+    }
+
+    /// Records that its index entry is now under `lease`.
+    pub fn set_index_lease(&self, lease: i64) {
+        self.index_lease.store(lease, Ordering::Release);
+    }
+
+    /// Records the limiter slot it holds (written with its next record).
+    pub fn set_slot(&self, slot_id: &str) {
+        let _ = self.slot.set(slot_id.to_owned());
+    }
+
+    /// The limiter slot it holds, if any.
+    pub fn slot(&self) -> &str {
+        self.slot.get().map_or("", String::as_str)
     }
 
     fn lock(&self) -> MutexGuard<'_, pb::Communication> {

@@ -37,12 +37,36 @@ pub struct StoredRecord {
     /// gRPC address of the replica running it (empty once it has ended).
     #[prost(string, tag = "2")]
     pub owner: String,
+    /// The limiter slot it holds (empty when none, or not yet written), so that another
+    /// replica settling it after its owner died can release the slot at once.
+    #[prost(string, tag = "3")]
+    pub slot_id: String,
 }
 
 impl StoredRecord {
     /// Decodes a stored value.
     pub fn decode_from(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
         Self::decode(bytes)
+    }
+}
+
+/// The ENDED event's `reason` for a communication settled by another replica because the
+/// replica running it was lost.
+pub const ROUTER_LOST: &str = "router_lost";
+
+/// Ends a communication whose replica was lost: FAILED, every open leg FAILED, and the ENDED
+/// event says `reason: router_lost`.
+pub fn finish_lost(comm: &mut pb::Communication) {
+    finish(
+        comm,
+        Outcome::Failed,
+        "the router replica running it was lost (router_lost)",
+        LegEndReason::Failed,
+    );
+    if let Some(ended) = comm.timeline.last_mut() {
+        ended
+            .details
+            .insert("reason".to_owned(), ROUTER_LOST.to_owned());
     }
 }
 

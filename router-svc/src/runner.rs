@@ -66,6 +66,10 @@ impl Ending {
                 legs: LegEndReason::CallerCanceled,
             },
             HangupSource::Shutdown => Self::new(Outcome::Failed, "the router replica stopped"),
+            HangupSource::SettledElsewhere => Self::new(
+                Outcome::Failed,
+                "settled by another router replica while this one had lost its lease (router_lost)",
+            ),
         }
     }
 }
@@ -152,6 +156,8 @@ impl Runner {
             slot::acquire(&self.engine.peers, &self.comm.account, &self.comm.id, hold).await;
         match admission {
             Admission::Granted(slot) => {
+                // Written with the next record, so a replica settling it can release it.
+                self.comm.set_slot(slot.id());
                 self.note(
                     Kind::Limit,
                     "communications slot granted",
@@ -358,7 +364,7 @@ pub fn base_params(comm: &pb::Communication) -> Vec<(String, String)> {
     ]
 }
 
-fn status_params(comm: &pb::Communication) -> Vec<(String, String)> {
+pub(crate) fn status_params(comm: &pb::Communication) -> Vec<(String, String)> {
     let mut params = base_params(comm);
     let outcome = Outcome::try_from(comm.outcome).unwrap_or(Outcome::Unspecified);
     params.extend([

@@ -91,6 +91,11 @@ pub async fn acquire(
 }
 
 impl Slot {
+    /// The limiter's id of the slot.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Releases the slot and waits (briefly) for the limiter to confirm.
     pub async fn release(mut self) {
         self.released = true;
@@ -110,7 +115,9 @@ impl Drop for Slot {
     }
 }
 
-async fn release(peers: &Peers, slot_id: &str) {
+/// Releases slot `slot_id` (held by this replica or by a lost one), waiting briefly for
+/// the limiter.
+pub async fn release(peers: &Peers, slot_id: &str) {
     let Some(Ok(limiter)) = peers.limiter() else {
         return;
     };

@@ -1,5 +1,7 @@
 //! A router replica that dies or stops while a communication rings: the offers are
-//! cancelled, the slot frees itself, and the communication ends.
+//! cancelled, another replica settles what the dead one ran (`router_lost`: FAILED, slot
+//! released, status callback sent), a stopping one ends its own; a replica whose lease is
+//! lost keeps serving.
 
 use std::time::Duration;
 
@@ -8,16 +10,20 @@ use proto::presence::v1 as ppb;
 use proto::router::v1 as pb;
 use proto::router::v1::{LegEndReason as Leg, Outcome};
 
-use crate::router_support::{Router, World, leg_reasons, outcome};
+use crate::router_support::{Router, WebhookServer, World, leg_reasons, outcome};
 
 #[tokio::test]
-async fn a_router_killed_while_ringing_frees_its_slot_and_ends_the_communication() {
+async fn a_router_killed_while_ringing_is_settled_by_another_replica_as_router_lost() {
     let world = World::start(10).await;
+    let callbacks = WebhookServer::start(|_| (204, String::new())).await;
     world
-        .inline(
-            "support",
-            "<Response><Dial timeout=\"60\"><Client>alice</Client></Dial></Response>",
-        )
+        .put_app(pb::Application {
+            address: "support".into(),
+            instructions: "<Response><Dial timeout=\"60\"><Client>alice</Client></Dial></Response>"
+                .into(),
+            status_callback_url: callbacks.url("/status"),
+            ..Default::default()
+        })
         .await;
     let mut alice = world.device("alice", "phone").await;
     let (presence, limiter) = (
@@ -42,12 +48,15 @@ async fn a_router_killed_while_ringing_frees_its_slot_and_ends_the_communication
     alice.offer().await;
     assert_eq!(world.slots_in_flight().await, 1);
     let survivor = world.router();
-    assert_eq!(
-        survivor.get("CM-crash").await.unwrap().state,
-        pb::CommunicationState::Ringing as i32
-    );
+    // The ringing state is stored with the slot it holds before the kill.
+    poll_until("the ringing record", Duration::from_secs(5), || async {
+        (survivor.get("CM-crash").await.ok()?.state == pb::CommunicationState::Ringing as i32)
+            .then_some(())
+    })
+    .await;
 
     doomed.kill().await;
+    let killed = std::time::Instant::now();
     assert_eq!(
         alice.cancelled().await,
         ppb::CancelReason::Failed,
@@ -57,16 +66,58 @@ async fn a_router_killed_while_ringing_frees_its_slot_and_ends_the_communication
         routing.await.unwrap().is_err(),
         "the caller's Route fails with the replica"
     );
-    // The record goes with the replica lease (TTL 5 s) and the slot with its hold (10 s).
-    poll_until(
-        "the dead replica's communication to end",
+    // Until its lease (TTL 5 s) expires the record says ringing; then the survivor's sweep
+    // (every 5/3 s) settles it.
+    let settled = poll_until(
+        "the dead replica's communication to be settled",
         Duration::from_secs(15),
         || async {
-            (survivor.get("CM-crash").await.err()?.code() == tonic::Code::NotFound).then_some(())
+            let comm = survivor.get("CM-crash").await.ok()?;
+            (comm.state == pb::CommunicationState::Ended as i32).then_some(comm)
         },
     )
     .await;
-    world.slots_freed(Duration::from_secs(20)).await;
+    let took = killed.elapsed();
+    assert_eq!(outcome(&settled), Outcome::Failed);
+    assert_eq!(leg_reasons(&settled), vec![Leg::Failed]);
+    let ended = settled.timeline.last().expect("a timeline");
+    assert_eq!(ended.kind, pb::TimelineEventKind::Ended as i32);
+    assert_eq!(
+        ended.details.get("reason").map(String::as_str),
+        Some("router_lost")
+    );
+    assert!(
+        took < Duration::from_secs(5 + 4),
+        "settled {took:?} after the kill: more than the TTL and two sweeps"
+    );
+    // The slot is released by the settling replica, long before its 10 s hold would end.
+    assert_eq!(
+        world.slots_in_flight().await,
+        0,
+        "the lost communication's slot is still held"
+    );
+    let status = crate::router_support::poll_for(&callbacks, "CommunicationStatus", "ended").await;
+    assert_eq!(status.param("CommunicationSid"), Some("CM-crash"));
+    assert_eq!(status.param("Outcome"), Some("failed"));
+    // Nothing is left in the index, and every replica reads the same settled record.
+    let mut etcd = world.etcd.client().await;
+    let index = etcd
+        .get(
+            format!("{}/router/owned/", world.prefix),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(index.count(), 0, "index entries left over");
+    let other = world.another_router().await;
+    assert_eq!(
+        Router::new(&other).get("CM-crash").await.unwrap(),
+        survivor.get("CM-crash").await.unwrap()
+    );
 }
 
 #[tokio::test]
@@ -103,4 +154,168 @@ async fn a_stopping_router_ends_its_communications_and_releases_their_slots() {
         pb::CommunicationState::Ended as i32,
         "the final record outlives the replica"
     );
+}
+
+/// The index entries of the world's communications: (owner lease, key).
+async fn index_entries(world: &World) -> Vec<(i64, String)> {
+    let mut etcd = world.etcd.client().await;
+    let root = format!("{}/router/owned/", world.prefix);
+    let found = etcd
+        .get(
+            root.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    found
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let key = kv.key_str().unwrap().to_owned();
+            let lease = key[root.len()..].split('/').next().unwrap();
+            (i64::from_str_radix(lease, 16).unwrap(), key)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_router_whose_lease_is_revoked_keeps_serving_and_its_communications() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial timeout=\"60\"><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-lease").await }
+    });
+    let offer = alice.offer().await;
+    let entries = index_entries(&world).await;
+    assert_eq!(entries.len(), 1, "one communication indexed");
+    let old = entries[0].0;
+    world.etcd.client().await.lease_revoke(old).await.unwrap();
+
+    // The replica gets a new lease and moves the running communication's entry under it.
+    poll_until(
+        "the index entry under the new lease",
+        Duration::from_secs(15),
+        || async {
+            let entries = index_entries(&world).await;
+            (entries.len() == 1 && entries[0].0 != old).then_some(())
+        },
+    )
+    .await;
+    // The communication goes on: the device answers, it connects, a hangup ends it.
+    alice
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    let connected = routing.await.unwrap().unwrap();
+    assert_eq!(
+        connected.state,
+        pb::CommunicationState::Connected as i32,
+        "{}",
+        crate::router_support::story(&connected)
+    );
+    let ended = router.hangup("CM-lease").await.unwrap();
+    assert_eq!(outcome(&ended), Outcome::Connected);
+    assert_eq!(alice.ended().await, ppb::EndReason::RemoteHangup);
+    world.slots_freed(Duration::from_secs(5)).await;
+    assert!(
+        index_entries(&world).await.is_empty(),
+        "the entry outlived its communication"
+    );
+    // New communications are routed by the same replica.
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-after").await }
+    });
+    alice.offer().await;
+    assert!(
+        !world.router.join.is_finished(),
+        "the router stopped on losing its lease"
+    );
+    router.hangup("CM-after").await.unwrap();
+    routing.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_frozen_router_settled_by_another_replica_ends_its_communication_and_overwrites_nothing()
+{
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial timeout=\"60\"><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let (presence, limiter) = (
+        world.presence.addr.to_string(),
+        world.limiter.addr.to_string(),
+    );
+    let args = [
+        "--presence",
+        presence.as_str(),
+        "--limiter",
+        limiter.as_str(),
+        "--allow-private-webhooks",
+    ];
+    let mut frozen = ServiceProcess::start("router-svc", &world.etcd, &world.prefix, &args).await;
+    let frozen_client = Router {
+        client: proto::router::v1::router_service_client::RouterServiceClient::new(
+            plumbing::client::channel(&frozen.addr.to_string()).unwrap(),
+        ),
+        token: crate::router_support::admin(),
+    };
+    let routing = tokio::spawn({
+        let client = frozen_client.clone();
+        async move { client.route("support", "CM-frozen").await }
+    });
+    alice.offer().await;
+    let survivor = world.router();
+
+    // Frozen past its lease TTL (5 s): the survivor settles what it ran.
+    frozen.pause().await;
+    let settled = poll_until(
+        "the frozen replica's communication to be settled",
+        Duration::from_secs(20),
+        || async {
+            let comm = survivor.get("CM-frozen").await.ok()?;
+            (comm.state == pb::CommunicationState::Ended as i32).then_some(comm)
+        },
+    )
+    .await;
+    let ended = settled.timeline.last().expect("a timeline");
+    assert_eq!(
+        ended.details.get("reason").map(String::as_str),
+        Some("router_lost")
+    );
+    world.slots_freed(Duration::from_secs(5)).await;
+
+    // Thawed, it finds its write refused (the index entry is gone), ends the communication
+    // here too — the offer is cancelled — and writes nothing over the settled record.
+    frozen.resume().await;
+    assert_eq!(alice.cancelled().await, ppb::CancelReason::Failed);
+    let local = routing.await.unwrap().unwrap();
+    assert_eq!(local.state, pb::CommunicationState::Ended as i32);
+    assert_eq!(
+        survivor.get("CM-frozen").await.unwrap(),
+        settled,
+        "the thawed owner overwrote the settled record"
+    );
+    assert!(index_entries(&world).await.is_empty());
+
+    // It serves on under its new lease.
+    assert!(frozen.exited().is_none(), "the thawed router stopped");
+    let next = tokio::spawn({
+        let client = frozen_client.clone();
+        async move { client.route("support", "CM-next").await }
+    });
+    alice.offer().await;
+    frozen_client.hangup("CM-next").await.unwrap();
+    assert_eq!(outcome(&next.await.unwrap().unwrap()), Outcome::Canceled);
 }
