@@ -78,6 +78,7 @@ async fn a_router_killed_while_ringing_is_settled_by_another_replica_as_router_l
     )
     .await;
     let took = killed.elapsed();
+    println!("router_lost: settled {took:?} after the kill (replica TTL 5 s)");
     assert_eq!(outcome(&settled), Outcome::Failed);
     assert_eq!(leg_reasons(&settled), vec![Leg::Failed]);
     let ended = settled.timeline.last().expect("a timeline");
