@@ -1447,3 +1447,106 @@ async fn a_limiter_replica_whose_lease_is_revoked_rejoins_under_a_new_lease() {
     );
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn raising_a_limit_or_deleting_its_override_grants_queued_waiters_at_once_in_fifo_order() {
+    let etcd = Etcd::start().await;
+    // The default for every key is 100; AC1's `calls` has an override of 1.
+    let server = support::limiter(&etcd, &unique_prefix(), 100).await;
+    let mut c = client(server.addr);
+    set_limit(&mut c, "AC1", "calls", 1, false).await;
+    ready(&c, "AC1", "calls").await;
+    let holder = acquire(&mut c, "AC1", "calls", 60).await;
+    assert!(granted(&holder));
+    // Three waiters queue, in a known order, with deadlines far beyond the test.
+    let (grants_tx, mut grants) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiters = Vec::new();
+    for i in 0..3u32 {
+        let (mut waiter, grants_tx) = (c.clone(), grants_tx.clone());
+        waiters.push(tokio::spawn(async move {
+            let answer = waiter
+                .acquire(Tokens::request(
+                    &admin(),
+                    acquire_req("AC1", "calls", &format!("waiter-{i}"), 60, 60_000),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let _ = grants_tx.send((i, answer));
+        }));
+        poll_until("the waiter to be queued", Duration::from_secs(5), || {
+            let mut c = c.clone();
+            async move {
+                let usage = calls_usage(&mut c).await.ok()?;
+                (usage.queued == i + 1).then_some(())
+            }
+        })
+        .await;
+    }
+
+    // Raised to 3 while the holder still holds: the first two waiters are granted, in
+    // order, and the third stays queued.
+    set_limit(&mut c, "AC1", "calls", 3, false).await;
+    let mut held = vec![holder.slot_id.clone()];
+    for expected in 0..2 {
+        let (i, answer) = tokio::time::timeout(Duration::from_secs(5), grants.recv())
+            .await
+            .expect("a waiter granted after the raise, well before its deadline")
+            .unwrap();
+        assert_eq!(i, expected, "waiter {i} was granted out of order");
+        assert!(granted(&answer), "waiter {i}: {answer:?}");
+        held.push(answer.slot_id);
+    }
+    let usage = calls_usage(&mut c).await.unwrap();
+    assert_eq!((usage.in_flight, usage.queued), (3, 1));
+
+    // Deleting the override (the default of 100 applies again) grants the last one.
+    let deleted = c
+        .delete_limit(Tokens::request(
+            &admin(),
+            pb::DeleteLimitRequest {
+                account_id: "AC1".into(),
+                resource: "calls".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted);
+    let (i, answer) = tokio::time::timeout(Duration::from_secs(5), grants.recv())
+        .await
+        .expect("the last waiter granted after the override was deleted")
+        .unwrap();
+    assert_eq!(i, 2);
+    assert!(granted(&answer));
+    held.push(answer.slot_id);
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+
+    // Lowering it below usage revokes nothing: all four stay held and renewable, and no
+    // one is admitted until usage is under the new limit.
+    set_limit(&mut c, "AC1", "calls", 2, false).await;
+    for slot in &held {
+        let renewed = c
+            .renew(Tokens::request(
+                &admin(),
+                pb::RenewRequest {
+                    slot_id: slot.clone(),
+                    hold_seconds: 60,
+                },
+            ))
+            .await;
+        assert!(
+            renewed.is_ok(),
+            "a held slot was revoked by lowering the limit"
+        );
+    }
+    assert_eq!(calls_usage(&mut c).await.unwrap().in_flight, 4);
+    assert!(!granted(&acquire(&mut c, "AC1", "calls", 60).await));
+    for slot in &held[..3] {
+        assert!(release(&mut c, slot).await);
+    }
+    assert!(granted(&acquire(&mut c, "AC1", "calls", 60).await));
+    server.shutdown().await.unwrap();
+}
