@@ -108,14 +108,31 @@ pub fn connect_hello(caller: &Caller, hello: &pb::ConnectHello) -> Result<Announ
     })
 }
 
-/// An `answer` on a Connect stream: the reason a refusal gives (`declined` by default).
-pub fn connect_answer(answer: &pb::ConnectAnswer) -> Result<pb::RejectReason, Error> {
+/// An `answer` on a Connect stream: the reason a refusal gives (`declined` by default) and
+/// where it applies (`here` by default).
+pub fn connect_answer(
+    answer: &pb::ConnectAnswer,
+) -> Result<(pb::RejectReason, pb::DeclineScope), Error> {
     rules::external_id("answer.offer_id", &answer.offer_id)?;
-    match pb::RejectReason::try_from(answer.reject_reason) {
-        Ok(pb::RejectReason::Unspecified) => Ok(pb::RejectReason::Declined),
-        Ok(reason) => Ok(reason),
-        Err(_) => Err(rules::unknown_enum("answer.reject_reason", answer.reject_reason).into()),
-    }
+    let reason = match pb::RejectReason::try_from(answer.reject_reason) {
+        Ok(pb::RejectReason::Unspecified) => pb::RejectReason::Declined,
+        Ok(reason) => reason,
+        Err(_) => {
+            return Err(rules::unknown_enum("answer.reject_reason", answer.reject_reason).into());
+        }
+    };
+    let scope = match pb::DeclineScope::try_from(answer.scope) {
+        Ok(pb::DeclineScope::Unspecified) => pb::DeclineScope::Here,
+        Ok(scope) => scope,
+        Err(_) => return Err(rules::unknown_enum("answer.scope", answer.scope).into()),
+    };
+    Ok((reason, scope))
+}
+
+/// A `ringing` on a Connect stream: the offer it names.
+pub fn connect_ringing(ringing: &pb::ConnectRinging) -> Result<&str, Error> {
+    rules::external_id("ringing.offer_id", &ringing.offer_id)?;
+    Ok(&ringing.offer_id)
 }
 
 /// A `status` on a Connect stream.

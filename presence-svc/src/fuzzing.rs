@@ -38,6 +38,9 @@ pub fn presence_requests(data: &[u8]) {
             Some(In::Hangup(hangup)) => {
                 let _ = requests::connect_hangup(&hangup);
             }
+            Some(In::Ringing(ringing)) => {
+                let _ = requests::connect_ringing(&ringing);
+            }
             Some(In::Hello(_)) | None => {}
         }
     }

@@ -76,8 +76,10 @@
 //!    FAILED_PRECONDITION (present by TTL registration only: no session to ring),
 //!    ALREADY_EXISTS (offer_id already open on that session), UNAVAILABLE (holder
 //!    unreachable or stopping), INVALID_ARGUMENT, PERMISSION_DENIED.
-//! 2. server → `delivered{device}` once the device's stream has the offer.
-//! 3. server → `answered{accept, reject_reason}`; a reject ends the stream.
+//! 2. server → `delivered{device}` once the device's stream has the offer, and `ringing`
+//!    (at most once) if the device sends `ringing{offer_id}` on its Connect stream.
+//! 3. server → `answered{accept, reject_reason, scope}`; a reject ends the stream (its
+//!    `scope` says whether the device declined for itself or for every device).
 //! 4. caller → `cancel{reason}` (device gets `cancel`) or, after an accept,
 //!    `end{reason}` (device gets `ended`); the server passes it on and ends the stream.
 //! 5. server → `hangup` when the device hangs up an accepted communication (the device is

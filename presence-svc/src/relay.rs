@@ -338,14 +338,20 @@ impl Leg {
     /// Passes a session event to the caller; true when the leg is over.
     async fn on_event(&mut self, event: Option<LegEvent>) -> bool {
         let (kind, over) = match event {
-            Some(LegEvent::Answered { accept, reason }) => {
+            Some(LegEvent::Answered {
+                accept,
+                reason,
+                scope,
+            }) => {
                 self.accepted = accept;
                 let answered = pb::OfferAnswered {
                     accept,
                     reject_reason: if accept { 0 } else { reason as i32 },
+                    scope: if accept { 0 } else { scope as i32 },
                 };
                 (Out::Answered(answered), !accept)
             }
+            Some(LegEvent::Ringing) => (Out::Ringing(pb::OfferRinging {}), false),
             Some(LegEvent::Hangup) => (Out::Hangup(pb::OfferHangup {}), true),
             Some(LegEvent::Gone(reason)) => (
                 Out::Gone(pb::OfferGone {

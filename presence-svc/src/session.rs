@@ -185,6 +185,8 @@ struct Leg {
     communication_id: String,
     events: mpsc::Sender<LegEvent>,
     accepted: bool,
+    /// The device said `ringing` already.
+    ringing: bool,
 }
 
 /// How a session ended.
@@ -255,16 +257,30 @@ impl SessionTask {
             Some(In::Answer(answer)) => self.on_answer(answer),
             Some(In::Status(status)) => self.on_status(status).await,
             Some(In::Hangup(hangup)) => self.on_hangup(hangup).await,
+            Some(In::Ringing(ringing)) => self.on_ringing(&ringing),
             None => Err(FieldError::new(
                 "kind",
-                "exactly one of hello, answer, status or hangup must be set",
+                "exactly one of hello, answer, status, hangup or ringing must be set",
             )
             .into()),
         }
     }
 
+    fn on_ringing(&mut self, ringing: &pb::ConnectRinging) -> Result<(), Error> {
+        let offer_id = requests::connect_ringing(ringing)?;
+        // Ignored for unknown, cancelled or answered offers, and when said twice.
+        if let Some(leg) = self.legs.get_mut(offer_id)
+            && !leg.accepted
+            && !leg.ringing
+        {
+            leg.ringing = true;
+            let _ = leg.events.try_send(LegEvent::Ringing);
+        }
+        Ok(())
+    }
+
     fn on_answer(&mut self, answer: pb::ConnectAnswer) -> Result<(), Error> {
-        let reason = requests::connect_answer(&answer)?;
+        let (reason, scope) = requests::connect_answer(&answer)?;
         // Answers to unknown, cancelled or already answered offers are ignored.
         let Some(leg) = self.legs.get_mut(&answer.offer_id) else {
             return Ok(());
@@ -275,6 +291,7 @@ impl SessionTask {
         let event = LegEvent::Answered {
             accept: answer.accept,
             reason,
+            scope,
         };
         if answer.accept {
             leg.accepted = true;
@@ -339,6 +356,7 @@ impl SessionTask {
                     communication_id: offer.communication_id.clone(),
                     events: events.clone(),
                     accepted: false,
+                    ringing: false,
                 };
                 self.legs.insert(offer.offer_id.clone(), leg);
                 self.push(out(Out::Offer(*offer))).await;

@@ -94,7 +94,11 @@ pub enum LegEvent {
         accept: bool,
         /// Why not.
         reason: pb::RejectReason,
+        /// Where a rejection applies.
+        scope: pb::DeclineScope,
     },
+    /// The device says it is alerting its user.
+    Ringing,
     /// The device hung up the accepted communication.
     Hangup,
     /// The session ended.

@@ -3,6 +3,13 @@
 //! straight to the presence replica holding the session), let the first accept win and
 //! cancel the rest, then carry the connected leg until the device hangs up, the time limit
 //! passes or the caller hangs up.
+//!
+//! A rejection ends only its own leg unless the device declined for every device
+//! (`DECLINE_SCOPE_EVERYWHERE`): then every other leg is cancelled
+//! (`CANCEL_REASON_DECLINED_ELSEWHERE`, leg end reason `declined_elsewhere`) and the Dial's
+//! outcome is REJECTED. A leg records `delivered` (presence put the offer on the device's
+//! stream) and `ringing` (the device said so), each once, with a timeline event and a status
+//! callback; a leg not delivered within [`DELIVERY_WITHIN`] ends offline.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,6 +28,10 @@ use crate::xml::Dial;
 
 /// How long the presence read may take.
 const PRESENCE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a device's session may take to take an offer (presence's `delivered`): a leg
+/// not delivered by then (a half-dead connection whose stream no longer drains) ends
+/// offline instead of eating the whole Dial timeout.
+pub const DELIVERY_WITHIN: Duration = Duration::from_secs(5);
 
 /// How a Dial ended.
 #[derive(Debug)]
@@ -185,7 +196,11 @@ impl Runner {
         drop(events_tx);
         let deadline = tokio::time::sleep(Duration::from_secs(dial.timeout.into()));
         tokio::pin!(deadline);
+        let delivery = tokio::time::sleep(DELIVERY_WITHIN);
+        tokio::pin!(delivery);
+        let mut delivery_checked = false;
         let mut busy = 0usize;
+        let mut declined_everywhere = false;
         let winner = loop {
             if legs.iter().all(|l| self.leg_ended(l)) {
                 break None;
@@ -195,13 +210,31 @@ impl Runner {
                     let Some((slot, heard)) = heard else { break None };
                     match heard {
                         LegNews::Answered { accept: true, .. } => break Some(slot),
+                        LegNews::Answered { everywhere: true, .. } => {
+                            self.change(|c| end_leg(c, legs[slot].index, LegEndReason::Rejected, "declined for every device"));
+                            for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
+                                leg.cancel(ppb::CancelReason::DeclinedElsewhere);
+                                self.change(|c| end_leg(c, leg.index, LegEndReason::DeclinedElsewhere, ""));
+                            }
+                            declined_everywhere = true;
+                            break None;
+                        }
                         LegNews::Answered { busy: is_busy, .. } => {
                             busy += usize::from(is_busy);
                             let why = if is_busy { "busy" } else { "declined" };
                             self.change(|c| end_leg(c, legs[slot].index, LegEndReason::Rejected, why));
                         }
-                        LegNews::Delivered => {}
+                        LegNews::Delivered => self.leg_progress(legs[slot].index, false),
+                        LegNews::Ringing => self.leg_progress(legs[slot].index, true),
                         other => self.leg_lost(legs[slot].index, other),
+                    }
+                }
+                _ = &mut delivery, if !delivery_checked => {
+                    delivery_checked = true;
+                    for leg in legs.iter().filter(|l| !self.leg_ended(l) && !self.leg_delivered(l)) {
+                        leg.cancel(ppb::CancelReason::Failed);
+                        let why = format!("the offer did not reach the device's session within {DELIVERY_WITHIN:?}");
+                        self.change(|c| end_leg(c, leg.index, LegEndReason::Offline, &why));
                     }
                 }
                 _ = &mut deadline => {
@@ -228,9 +261,20 @@ impl Runner {
             }
         };
         let Some(winner) = winner else {
+            if declined_everywhere {
+                return self.attempt(Outcome::Rejected);
+            }
             return self.attempt(self.unanswered(busy));
         };
         self.connected(dial, legs, winner, events).await
+    }
+
+    fn leg_delivered(&self, leg: &LegLink) -> bool {
+        self.comm.read(|c| {
+            c.legs
+                .get(leg.index)
+                .is_some_and(|l| l.delivered_time.is_some())
+        })
     }
 
     fn leg_ended(&self, leg: &LegLink) -> bool {
@@ -353,7 +397,7 @@ impl Runner {
                     Some((slot, _)) if slot != winner => {}
                     Some((_, LegNews::Hangup)) => break format!("{identity}/{device} hung up"),
                     Some((_, LegNews::Gone(_))) => break format!("{identity}/{device} went offline"),
-                    Some((_, LegNews::Delivered | LegNews::Answered { .. })) => {}
+                    Some((_, LegNews::Delivered | LegNews::Ringing | LegNews::Answered { .. })) => {}
                     Some((_, LegNews::Failed(status))) => break format!("the leg failed: {}", status.message()),
                     Some((_, LegNews::Closed)) | None => break "the leg's stream ended".to_owned(),
                 },

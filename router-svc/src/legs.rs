@@ -20,7 +20,13 @@ const OPEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
 /// What a leg's task reports.
 pub(crate) enum LegNews {
     Delivered,
-    Answered { accept: bool, busy: bool },
+    Ringing,
+    Answered {
+        accept: bool,
+        busy: bool,
+        /// A rejection for every device (`DECLINE_SCOPE_EVERYWHERE`).
+        everywhere: bool,
+    },
     Hangup,
     Gone(i32),
     Failed(tonic::Status),
@@ -31,9 +37,11 @@ impl LegNews {
     pub(crate) fn from(heard: Heard) -> Self {
         match heard {
             Heard::Delivered(_) => LegNews::Delivered,
+            Heard::Ringing(_) => LegNews::Ringing,
             Heard::Answered(answer) => LegNews::Answered {
                 accept: answer.accept,
                 busy: answer.reject_reason == ppb::RejectReason::Busy as i32,
+                everywhere: !answer.accept && answer.scope == ppb::DeclineScope::Everywhere as i32,
             },
             Heard::Hangup(_) => LegNews::Hangup,
             Heard::Gone(gone) => LegNews::Gone(gone.reason),

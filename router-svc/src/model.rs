@@ -118,6 +118,8 @@ pub fn add_leg(comm: &mut pb::Communication, leg_id: &str, identity: &str, devic
         start_time: Some(timestamp(now_ms())),
         answer_time: None,
         end_time: None,
+        delivered_time: None,
+        ringing_time: None,
     });
     comm.legs.len() - 1
 }
@@ -160,6 +162,7 @@ pub fn reason_name(reason: LegEndReason) -> &'static str {
         LegEndReason::Offline => "offline",
         LegEndReason::CallerCanceled => "caller_canceled",
         LegEndReason::Failed => "failed",
+        LegEndReason::DeclinedElsewhere => "declined_elsewhere",
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use proto::router::v1 as pb;
 use proto::router::v1::TimelineEventKind as Kind;
-use proto::router::v1::{LegEndReason, Outcome};
+use proto::router::v1::{LegEndReason, LegState, Outcome};
 
 use crate::apps::AppRecord;
 use crate::callbacks::StatusCallbacks;
@@ -108,7 +108,13 @@ impl Runner {
         let (result, changed) = self.comm.update(|comm| {
             let before = comm.state;
             let result = change(comm);
-            let changed = (comm.state != before).then(|| status_params(comm));
+            let changed = (comm.state != before).then(|| {
+                let mut params = status_params(comm);
+                if let Some(word) = state_event(comm.state) {
+                    params.push(("StatusCallbackEvent".into(), word.into()));
+                }
+                params
+            });
             (result, changed)
         });
         // Records are written on state changes only (events in between ride along with
@@ -120,6 +126,62 @@ impl Runner {
             }
         }
         result
+    }
+
+    /// Records that leg `index`'s offer reached the device's session (`ringing` false) or
+    /// that the device said it is alerting its user (`ringing` true) — once each, while the
+    /// leg rings — with its timeline event and status callback. The record is not written
+    /// for it: the event rides along with the next state change.
+    pub(crate) fn leg_progress(&self, index: usize, ringing: bool) {
+        let params = self.comm.update(|comm| {
+            let leg = comm
+                .legs
+                .get_mut(index)
+                .filter(|l| l.state == LegState::Ringing as i32)?;
+            let when = if ringing {
+                &mut leg.ringing_time
+            } else {
+                &mut leg.delivered_time
+            };
+            if when.is_some() {
+                return None;
+            }
+            *when = Some(model::timestamp(model::now_ms()));
+            let (leg_id, identity, device) = (
+                leg.leg_id.clone(),
+                leg.identity.clone(),
+                leg.device_id.clone(),
+            );
+            let (kind, word, message) = if ringing {
+                (
+                    Kind::LegRinging,
+                    "ringing",
+                    format!("{identity}/{device} is ringing"),
+                )
+            } else {
+                (
+                    Kind::LegDelivered,
+                    "delivered",
+                    format!("the offer reached {identity}/{device}"),
+                )
+            };
+            let details = [
+                ("identity", identity.clone()),
+                ("device_id", device.clone()),
+            ];
+            event(comm, kind, message, &leg_id, &details);
+            let mut params = status_params(comm);
+            params.extend([
+                ("StatusCallbackEvent".to_owned(), word.to_owned()),
+                ("LegId".to_owned(), leg_id),
+                ("Identity".to_owned(), identity),
+                ("DeviceId".to_owned(), device),
+            ]);
+            Some(params)
+        });
+        if let (Some(params), Some(callbacks)) = (params, &self.callbacks) {
+            callbacks.send(params);
+        }
     }
 
     /// Records an event.
@@ -362,6 +424,16 @@ pub fn base_params(comm: &pb::Communication) -> Vec<(String, String)> {
         ("Channel".into(), comm.channel.clone()),
         ("Direction".into(), "inbound".into()),
     ]
+}
+
+/// The `StatusCallbackEvent` of a change to `state`, if it has one.
+fn state_event(state: i32) -> Option<&'static str> {
+    match pb::CommunicationState::try_from(state) {
+        Ok(pb::CommunicationState::Ringing) => Some("initiated"),
+        Ok(pb::CommunicationState::Connected) => Some("answered"),
+        Ok(pb::CommunicationState::Ended) => Some("completed"),
+        _ => None,
+    }
 }
 
 pub(crate) fn status_params(comm: &pb::Communication) -> Vec<(String, String)> {

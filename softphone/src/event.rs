@@ -46,6 +46,8 @@ pub enum Event {
         offer_id: String,
         /// The reason given.
         reason: pb::RejectReason,
+        /// Declined for every device, not only this one.
+        everywhere: bool,
     },
     /// An offer was withdrawn.
     Cancelled {
@@ -132,11 +134,18 @@ impl fmt::Display for Event {
                 communication_id,
                 offer_id,
                 reason,
-            } => write!(
-                f,
-                "rejected {communication_id} offer={offer_id} reason={}",
-                enum_name(reason.as_str_name(), "REJECT_REASON_")
-            ),
+                everywhere,
+            } => {
+                write!(
+                    f,
+                    "rejected {communication_id} offer={offer_id} reason={}",
+                    enum_name(reason.as_str_name(), "REJECT_REASON_")
+                )?;
+                if *everywhere {
+                    f.write_str(" everywhere=true")?;
+                }
+                Ok(())
+            }
             Self::Cancelled {
                 communication_id,
                 offer_id,
@@ -183,7 +192,7 @@ impl fmt::Display for Event {
             ),
             Self::Note(note) => write!(f, "note {note}"),
             Self::Help => f.write_str(
-                "keys a=answer r=reject h=hangup s=status(available>busy>away>dnd) q=quit ?=help",
+                "keys a=answer r=reject(here) e=reject(everywhere) h=hangup s=status(available>busy>away>dnd) q=quit ?=help",
             ),
             Self::Bye => f.write_str("bye"),
         }

@@ -68,8 +68,8 @@ pub struct SoftphoneArgs {
 
     /// Answer offers by itself: `answer` accepts, `reject` rejects, `ignore` lets them ring
     /// until they time out. Without it, a person answers with keys when stdin is a
-    /// terminal (a answer, r reject, h hang up, s status, q quit), or commands are read
-    /// from stdin (the same letters).
+    /// terminal (a answer, r reject here, e reject everywhere, h hang up, s status, q quit),
+    /// or commands are read from stdin (the same letters).
     #[arg(long, env = "SWITCHBOARD_AUTO", value_enum)]
     pub auto: Option<AutoMode>,
 
@@ -82,9 +82,14 @@ pub struct SoftphoneArgs {
     #[arg(long, env = "SWITCHBOARD_HANGUP_AFTER_MS")]
     pub hangup_after_ms: Option<u64>,
 
-    /// The reason given when rejecting (by `--auto reject` or `r`).
+    /// The reason given when rejecting (by `--auto reject`, `r` or `e`).
     #[arg(long, env = "SWITCHBOARD_REJECT_REASON", value_enum, default_value_t = RejectAs::Declined)]
     pub reject_reason: RejectAs,
+
+    /// Where `--auto reject` declines: `here` (this device; the others keep ringing) or
+    /// `everywhere` (every device of the communication; its outcome is REJECTED).
+    #[arg(long, env = "SWITCHBOARD_DECLINE_SCOPE", value_enum, default_value_t = DeclineScope::Here)]
+    pub decline_scope: DeclineScope,
 
     /// TLS to presence-svc: `--tls-ca` turns it on, `--tls-cert`/`--tls-key` present a
     /// client certificate. Plain text by default.
@@ -104,6 +109,7 @@ impl SoftphoneArgs {
             answer_after_ms: 0,
             hangup_after_ms: None,
             reject_reason: RejectAs::Declined,
+            decline_scope: DeclineScope::Here,
             tls: ClientTlsArgs::default(),
         }
     }
@@ -194,6 +200,25 @@ pub enum AutoMode {
     Ignore,
 }
 
+/// Where a rejection applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeclineScope {
+    /// Only this device's leg ends.
+    Here,
+    /// Every device's leg ends.
+    Everywhere,
+}
+
+impl DeclineScope {
+    /// The wire value.
+    pub fn to_proto(self) -> pb::DeclineScope {
+        match self {
+            Self::Here => pb::DeclineScope::Here,
+            Self::Everywhere => pb::DeclineScope::Everywhere,
+        }
+    }
+}
+
 /// The reason a rejection gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RejectAs {
@@ -218,8 +243,10 @@ impl RejectAs {
 pub enum Command {
     /// Accept the oldest ringing offer.
     Answer,
-    /// Reject the oldest ringing offer.
+    /// Reject the oldest ringing offer on this device only (the others keep ringing).
     Reject,
+    /// Reject the oldest ringing offer for every device of the communication.
+    RejectEverywhere,
     /// Hang up the most recently connected communication.
     Hangup,
     /// Move to the next status.
@@ -236,6 +263,7 @@ impl Command {
         match key.to_ascii_lowercase() {
             'a' => Some(Self::Answer),
             'r' => Some(Self::Reject),
+            'e' => Some(Self::RejectEverywhere),
             'h' => Some(Self::Hangup),
             's' => Some(Self::CycleStatus),
             'q' => Some(Self::Quit),

@@ -14,7 +14,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use crate::{AutoMode, Command, DeviceStatus, Event, SoftphoneArgs};
+use crate::{AutoMode, Command, DeclineScope, DeviceStatus, Event, SoftphoneArgs};
 
 /// How long opening a stream may take, up to `registered`.
 pub const OPEN_WITHIN: Duration = Duration::from_secs(10);
@@ -193,6 +193,10 @@ impl<'a> Session<'a> {
             communication_id: offer.communication_id.clone(),
         });
         self.emit(Event::Offer(offer));
+        // The offer is shown: tell the caller this device is alerting its user.
+        self.send(Send::Ringing(pb::ConnectRinging {
+            offer_id: offer_id.clone(),
+        }));
         if matches!(self.args.auto, Some(AutoMode::Answer | AutoMode::Reject)) {
             let delay = self.args.answer_after();
             if delay.is_zero() {
@@ -231,13 +235,18 @@ impl<'a> Session<'a> {
 
     fn on_command(&mut self, command: Command, memory: &mut Memory) {
         match command {
-            Command::Answer | Command::Reject => {
+            Command::Answer | Command::Reject | Command::RejectEverywhere => {
                 let Some(first) = self.ringing.first() else {
                     self.emit(Event::Note("nothing is ringing".into()));
                     return;
                 };
                 let offer_id = first.offer_id.clone();
-                self.answer(&offer_id, command == Command::Answer);
+                let scope = if command == Command::RejectEverywhere {
+                    DeclineScope::Everywhere
+                } else {
+                    DeclineScope::Here
+                };
+                self.answer(&offer_id, command == Command::Answer, scope);
             }
             Command::Hangup => {
                 let newest = self.accepted.iter().rev().find(|a| !a.hanging_up);
@@ -265,14 +274,14 @@ impl<'a> Session<'a> {
         match timer {
             Timer::Answer(offer_id) => {
                 let accept = self.args.auto == Some(AutoMode::Answer);
-                self.answer(&offer_id, accept);
+                self.answer(&offer_id, accept, self.args.decline_scope);
             }
             Timer::Hangup(communication_id) => self.hangup(&communication_id),
         }
     }
 
-    /// Accepts or rejects `offer_id` if it still rings.
-    fn answer(&mut self, offer_id: &str, accept: bool) {
+    /// Accepts or rejects (here or everywhere) `offer_id` if it still rings.
+    fn answer(&mut self, offer_id: &str, accept: bool, scope: DeclineScope) {
         let Some(at) = self.ringing.iter().position(|r| r.offer_id == offer_id) else {
             return;
         };
@@ -285,12 +294,14 @@ impl<'a> Session<'a> {
             offer_id: offer_id.clone(),
             accept,
             reject_reason: if accept { 0 } else { reason as i32 },
+            scope: if accept { 0 } else { scope.to_proto() as i32 },
         }));
         if !accept {
             self.emit(Event::Rejected {
                 communication_id,
                 offer_id,
                 reason,
+                everywhere: scope == DeclineScope::Everywhere,
             });
             return;
         }

@@ -549,6 +549,7 @@ impl Agent {
                         offer_id: offer.offer_id,
                         accept: true,
                         reject_reason: 0,
+                        ..Default::default()
                     };
                     let request = ppb::ConnectRequest {
                         kind: Some(ToServer::Answer(answer)),

@@ -729,6 +729,7 @@ pub async fn device_task(
                             offer_id: offer.offer_id,
                             accept: true,
                             reject_reason: 0,
+                            ..Default::default()
                         };
                         let _ = sender
                             .send(pb::ConnectRequest {

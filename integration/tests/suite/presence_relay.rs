@@ -21,6 +21,7 @@ fn answer(offer_id: &str, accept: bool, reason: pb::RejectReason) -> Send {
         offer_id: offer_id.into(),
         accept,
         reject_reason: reason as i32,
+        ..Default::default()
     })
 }
 

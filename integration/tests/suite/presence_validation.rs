@@ -403,6 +403,20 @@ async fn bad_connect_messages_are_invalid_argument_and_end_the_session() {
             Some(Send::Hangup(pb::ConnectHangup::default())),
             "hangup.communication_id: must not be empty",
         ),
+        (
+            "answer with an unknown decline scope",
+            Some(Send::Answer(pb::ConnectAnswer {
+                offer_id: "o1".into(),
+                scope: 9,
+                ..Default::default()
+            })),
+            "answer.scope: unknown value 9",
+        ),
+        (
+            "ringing without offer",
+            Some(Send::Ringing(pb::ConnectRinging::default())),
+            "ringing.offer_id: must not be empty",
+        ),
     ];
     let presence = client(&server);
     for (case, message, field) in later {

@@ -359,3 +359,172 @@ async fn route_is_idempotent_by_communication_id_across_replicas() {
     );
     other.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_decline_here_ends_one_leg_and_a_decline_everywhere_ends_them_all_rejected() {
+    let world = World::start(10).await;
+    world.inline("support", DIAL_ALICE_BOB).await;
+    let mut phone = world.device("alice", "phone").await;
+    let mut laptop = world.device("alice", "laptop").await;
+    let mut bob = world.device("bob", "desk").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-decline").await }
+    });
+    let (on_phone, on_laptop, _) = (phone.offer().await, laptop.offer().await, bob.offer().await);
+
+    // Declined here: only the phone's leg ends; the others keep ringing.
+    phone.decline(&on_phone, ppb::DeclineScope::Here).await;
+    let ringing = poll_until_leg_ends(&router, "CM-decline", "phone").await;
+    assert_eq!(ringing.state, pb::CommunicationState::Ringing as i32);
+    let laptop_leg = ringing
+        .legs
+        .iter()
+        .find(|l| l.device_id == "laptop")
+        .unwrap();
+    assert_eq!(
+        laptop_leg.state,
+        pb::LegState::Ringing as i32,
+        "{}",
+        story(&ringing)
+    );
+
+    // Declined everywhere from the laptop: bob's offer is cancelled with the reason, and
+    // the communication ends REJECTED.
+    laptop
+        .decline(&on_laptop, ppb::DeclineScope::Everywhere)
+        .await;
+    assert_eq!(bob.cancelled().await, ppb::CancelReason::DeclinedElsewhere);
+    let comm = routing.await.unwrap().unwrap();
+    let ended = router.ended("CM-decline").await;
+    assert_eq!(outcome(&ended), Outcome::Rejected, "{}", story(&ended));
+    let reason_of = |device: &str| {
+        ended
+            .legs
+            .iter()
+            .find(|l| l.device_id == device)
+            .map(|l| Leg::try_from(l.end_reason).unwrap())
+    };
+    assert_eq!(reason_of("phone"), Some(Leg::Rejected));
+    assert_eq!(reason_of("laptop"), Some(Leg::Rejected));
+    assert_eq!(reason_of("desk"), Some(Leg::DeclinedElsewhere));
+    assert!(
+        ended
+            .timeline
+            .iter()
+            .any(|e| e.message.contains("declined for every device")),
+        "{}",
+        story(&ended)
+    );
+    assert_eq!(comm.communication_id, "CM-decline");
+    world.slots_freed(Duration::from_secs(5)).await;
+}
+
+/// Polls until the leg of `device` in communication `id` has ended; the communication then.
+async fn poll_until_leg_ends(
+    router: &crate::router_support::Router,
+    id: &str,
+    device: &str,
+) -> pb::Communication {
+    integration::poll_until("the leg to end", Duration::from_secs(5), || async {
+        let comm = router.get(id).await.ok()?;
+        let ended = comm
+            .legs
+            .iter()
+            .any(|l| l.device_id == device && l.state == pb::LegState::Ended as i32);
+        ended.then_some(comm)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn delivered_and_ringing_show_in_the_leg_the_timeline_the_watch_and_status_callbacks() {
+    let world = World::start(10).await;
+    let callbacks = crate::router_support::WebhookServer::start(|_| (204, String::new())).await;
+    world
+        .put_app(pb::Application {
+            address: "support".into(),
+            instructions: "<Response><Dial timeout=\"10\"><Client>alice</Client></Dial></Response>"
+                .into(),
+            status_callback_url: callbacks.url("/status"),
+            ..Default::default()
+        })
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-progress").await }
+    });
+    let offer = alice.offer().await;
+    let mut client = router.client.clone();
+    let mut watch = client
+        .watch_communication(integration::Tokens::request(
+            &router.token,
+            pb::WatchCommunicationRequest {
+                account_id: crate::router_support::ACCOUNT.into(),
+                communication_id: "CM-progress".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    alice.ringing(&offer).await;
+    // Said twice, recorded once.
+    alice.ringing(&offer).await;
+    let mut seen = Vec::new();
+    while !seen.contains(&Kind::LegRinging) {
+        let message = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("a watch event")
+            .unwrap()
+            .expect("the watch open");
+        seen.push(Kind::try_from(message.event.unwrap().kind).unwrap());
+    }
+    let delivered_at = seen.iter().position(|k| *k == Kind::LegDelivered);
+    let started_at = seen.iter().position(|k| *k == Kind::LegStarted);
+    assert!(
+        started_at < delivered_at && delivered_at.is_some(),
+        "started, then delivered, then ringing: {seen:?}"
+    );
+    alice
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    routing.await.unwrap().unwrap();
+    let ended = router.hangup("CM-progress").await.unwrap();
+    let leg = &ended.legs[0];
+    let (delivered, ringing, answered) = (
+        leg.delivered_time.expect("delivered_time"),
+        leg.ringing_time.expect("ringing_time"),
+        leg.answer_time.expect("answer_time"),
+    );
+    let ms = |t: &prost_types::Timestamp| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+    assert!(ms(&delivered) <= ms(&ringing) && ms(&ringing) <= ms(&answered));
+    let progress: Vec<Kind> = kinds(&ended)
+        .into_iter()
+        .filter(|k| matches!(k, Kind::LegDelivered | Kind::LegRinging))
+        .collect();
+    assert_eq!(progress, vec![Kind::LegDelivered, Kind::LegRinging]);
+
+    // The status callbacks name each step, in order.
+    crate::router_support::poll_for(&callbacks, "StatusCallbackEvent", "completed").await;
+    let events: Vec<String> = callbacks
+        .requests()
+        .iter()
+        .filter_map(|r| r.param("StatusCallbackEvent").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        events,
+        ["initiated", "delivered", "ringing", "answered", "completed"],
+        "status callback events"
+    );
+    let ringing_callback = callbacks
+        .requests()
+        .into_iter()
+        .find(|r| r.param("StatusCallbackEvent") == Some("ringing"))
+        .unwrap();
+    assert_eq!(ringing_callback.param("Identity"), Some("alice"));
+    assert_eq!(ringing_callback.param("DeviceId"), Some("phone"));
+    assert_eq!(ringing_callback.param("LegId"), Some(leg.leg_id.as_str()));
+}

@@ -313,8 +313,29 @@ impl Device {
             offer_id: offer.offer_id.clone(),
             accept,
             reject_reason: reason as i32,
+            ..Default::default()
         };
         self.session.send(Say::Answer(answer)).await;
+    }
+
+    /// Declines an offer, for this device only or for every device.
+    pub async fn decline(&self, offer: &ppb::ConnectOffer, scope: ppb::DeclineScope) {
+        let answer = ppb::ConnectAnswer {
+            offer_id: offer.offer_id.clone(),
+            accept: false,
+            reject_reason: ppb::RejectReason::Declined as i32,
+            scope: scope as i32,
+        };
+        self.session.send(Say::Answer(answer)).await;
+    }
+
+    /// Says the device is alerting its user about an offer.
+    pub async fn ringing(&self, offer: &ppb::ConnectOffer) {
+        self.session
+            .send(Say::Ringing(ppb::ConnectRinging {
+                offer_id: offer.offer_id.clone(),
+            }))
+            .await;
     }
 
     /// Hangs up a communication.
@@ -696,6 +717,7 @@ pub async fn auto_answering_device(world: &World, identity: &str) {
                     offer_id: offer.offer_id,
                     accept: true,
                     reject_reason: 0,
+                    ..Default::default()
                 };
                 if sender
                     .send(ppb::ConnectRequest {

@@ -321,3 +321,43 @@ async fn a_second_softphone_with_the_same_device_id_takes_over_and_the_first_sto
     assert!(matches!(result, Err(Error::Displaced { .. })), "{result:?}");
     second.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_decline_everywhere_key_ends_every_leg_and_offers_are_reported_ringing() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "+15550100",
+            "<Response><Dial timeout=\"10\"><Client>alice</Client><Client>bob</Client></Dial></Response>",
+        )
+        .await;
+    let mut phone = Phone::alice(&world, None, |_| {}).await;
+    let mut bob = world.device("bob", "desk").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route_with(route_request("CM-soft-e")).await }
+    });
+    phone.until(|e| matches!(e, Event::Offer(_))).await;
+    bob.offer().await;
+    // The softphone told the router it is alerting its user.
+    integration::poll_until("alice's leg ringing", Duration::from_secs(5), || async {
+        let comm = router.get("CM-soft-e").await.ok()?;
+        comm.legs
+            .iter()
+            .any(|l| l.identity == "alice" && l.ringing_time.is_some())
+            .then_some(())
+    })
+    .await;
+
+    phone.type_key(Command::RejectEverywhere).await;
+    let rejected = phone.until(|e| matches!(e, Event::Rejected { .. })).await;
+    assert!(
+        rejected.to_string().ends_with(" everywhere=true"),
+        "{rejected}"
+    );
+    assert_eq!(bob.cancelled().await, ppb::CancelReason::DeclinedElsewhere);
+    let comm = routing.await.unwrap().unwrap();
+    assert_eq!(outcome(&comm), pb::Outcome::Rejected);
+    phone.stop().await.unwrap();
+}
