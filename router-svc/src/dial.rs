@@ -1,5 +1,6 @@
 //! `<Dial><Client>…`: read the presence of every dialled identity, offer the communication
-//! to every available live device at once (one `SessionRelayService.Offer` stream per leg,
+//! to every available live device at once (or in stages: `<Client delay>`, `<Dial
+//! sequential>`: see `Runner::ring`) (one `SessionRelayService.Offer` stream per leg,
 //! straight to the presence replica holding the session), let the first accept win and
 //! cancel the rest, then carry the connected leg until the device hangs up, the time limit
 //! passes or the caller hangs up.
@@ -54,6 +55,20 @@ struct Target {
     parameters: HashMap<String, String>,
 }
 
+/// A `<Client>` of the Dial not rung yet.
+struct Pending {
+    /// Its index in the Dial.
+    client: usize,
+    /// When it is due (its `delay` after the Dial started; at once for a sequential Dial).
+    due: tokio::time::Instant,
+}
+
+/// The legs of one `<Client>`'s turn in a sequential Dial, and when the turn ends.
+struct Turn {
+    legs: Vec<usize>,
+    until: tokio::time::Instant,
+}
+
 impl Runner {
     /// Executes a Dial.
     pub(crate) async fn dial(&mut self, dial: &Dial) -> DialResult {
@@ -67,19 +82,10 @@ impl Runner {
                 ("timeout", dial.timeout.to_string()),
                 ("time_limit", dial.time_limit.to_string()),
                 ("action", dial.action.clone().unwrap_or_default()),
+                ("sequential", dial.sequential.to_string()),
             ],
         );
-        let targets = match self.available(dial).await {
-            Ok(targets) => targets,
-            Err(why) => {
-                self.note(Kind::Error, why, &[]);
-                return self.attempt(Outcome::Failed);
-            }
-        };
-        if targets.is_empty() {
-            return self.attempt(Outcome::Offline);
-        }
-        self.ring(dial, targets).await
+        self.ring(dial).await
     }
 
     /// Sets this attempt's outcome and returns it.
@@ -96,12 +102,16 @@ impl Runner {
         }
     }
 
-    /// Reads presence; the available live devices to ring.
-    async fn available(&self, dial: &Dial) -> Result<Vec<Target>, String> {
+    /// Reads the presence of `clients` (indexes into the Dial); the available live devices
+    /// to ring.
+    async fn available(&self, dial: &Dial, clients: &[usize]) -> Result<Vec<Target>, String> {
         let mut presence = self.engine.peers.presence().map_err(|e| e.to_string())?;
         let request = ppb::BatchGetPresenceRequest {
             account_id: self.comm.account.clone(),
-            identities: dial.clients.iter().map(|c| c.identity.clone()).collect(),
+            identities: clients
+                .iter()
+                .map(|&i| dial.clients[i].identity.clone())
+                .collect(),
             min_revision: 0,
         };
         let answer = tokio::time::timeout(PRESENCE_DEADLINE, presence.batch_get_presence(request))
@@ -111,7 +121,8 @@ impl Runner {
             .into_inner();
         let base = self.comm.read(|c| c.parameters.clone());
         let mut targets = Vec::new();
-        for (client, identity) in dial.clients.iter().zip(answer.presences) {
+        for (&i, identity) in clients.iter().zip(answer.presences) {
+            let client = &dial.clients[i];
             let status = ppb::Status::try_from(identity.status).unwrap_or(ppb::Status::Offline);
             let live: Vec<&ppb::Device> = identity
                 .devices
@@ -151,12 +162,19 @@ impl Runner {
         Ok(targets)
     }
 
-    /// Rings every target; the first accept wins.
-    async fn ring(&mut self, dial: &Dial, targets: Vec<Target>) -> DialResult {
-        let (events_tx, mut events) = mpsc::channel::<(usize, LegNews)>(targets.len() * 4 + 4);
-        let expires = now_ms() + i64::from(dial.timeout) * 1000;
-        let mut legs = Vec::new();
+    /// Offers the communication to `targets` (why they start now: `why`); the indexes of
+    /// the new legs in `legs`.
+    fn offer(
+        &self,
+        targets: Vec<Target>,
+        why: &str,
+        expires: i64,
+        legs: &mut Vec<LegLink>,
+        events: &mpsc::Sender<(usize, LegNews)>,
+        started: &mut Vec<tokio::time::Instant>,
+    ) -> Vec<usize> {
         let comm = self.comm.snapshot();
+        let mut new = Vec::new();
         for target in targets {
             let leg_id = format!(
                 "{}.{}",
@@ -169,11 +187,15 @@ impl Runner {
                 event(
                     c,
                     Kind::LegStarted,
-                    format!("offered to {}/{}", target.identity, target.device_id),
+                    format!(
+                        "offered to {}/{} ({why})",
+                        target.identity, target.device_id
+                    ),
                     &leg_id,
                     &[
                         ("identity", target.identity.clone()),
                         ("device_id", target.device_id.clone()),
+                        ("why", why.to_owned()),
                     ],
                 );
                 index
@@ -191,20 +213,131 @@ impl Runner {
                 parameters: target.parameters,
                 expire_time: Some(timestamp(expires)),
             };
-            legs.push(self.open_leg(legs.len(), index, &target.replica, start, events_tx.clone()));
+            new.push(legs.len());
+            legs.push(self.open_leg(legs.len(), index, &target.replica, start, events.clone()));
+            started.push(tokio::time::Instant::now());
         }
-        drop(events_tx);
+        new
+    }
+
+    /// Rings the Dial's Clients — all at once (each after its `delay`, or as soon as every
+    /// leg started before it has ended), or one at a time for a sequential Dial — until one
+    /// device accepts, every leg has ended with nobody left to ring, the Dial times out or
+    /// the caller hangs up.
+    async fn ring(&mut self, dial: &Dial) -> DialResult {
+        let began = tokio::time::Instant::now();
+        let (events_tx, mut events) = mpsc::channel::<(usize, LegNews)>(64);
+        // A parallel Dial ends at its timeout; a sequential one when its last turn does.
+        let expires = now_ms() + i64::from(dial.timeout) * 1000;
+        let mut pending: Vec<Pending> = dial
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(client, c)| Pending {
+                client,
+                due: began + Duration::from_secs(c.delay.into()),
+            })
+            .collect();
+        let mut legs: Vec<LegLink> = Vec::new();
+        let mut started: Vec<tokio::time::Instant> = Vec::new();
+        let mut turn: Option<Turn> = None;
         let deadline = tokio::time::sleep(Duration::from_secs(dial.timeout.into()));
         tokio::pin!(deadline);
-        let delivery = tokio::time::sleep(DELIVERY_WITHIN);
-        tokio::pin!(delivery);
-        let mut delivery_checked = false;
         let mut busy = 0usize;
         let mut declined_everywhere = false;
+        let mut presence_failed = None;
         let winner = loop {
-            if legs.iter().all(|l| self.leg_ended(l)) {
-                break None;
+            let all_ended = legs.iter().all(|l| self.leg_ended(l));
+            // Whom to ring now, and why.
+            let now = tokio::time::Instant::now();
+            let mut due: Vec<usize> = Vec::new();
+            let mut why = "";
+            if dial.sequential {
+                let turn_over = turn.as_ref().is_none_or(|t| {
+                    now >= t.until || t.legs.iter().all(|&l| self.leg_ended(&legs[l]))
+                });
+                if turn_over {
+                    if let Some(t) = turn.take() {
+                        for &l in &t.legs {
+                            if !self.leg_ended(&legs[l]) {
+                                legs[l].cancel(ppb::CancelReason::Timeout);
+                                self.change(|c| {
+                                    end_leg(
+                                        c,
+                                        legs[l].index,
+                                        LegEndReason::Timeout,
+                                        "its turn ended",
+                                    )
+                                });
+                            }
+                        }
+                        why = "the previous Client's turn ended";
+                    } else {
+                        why = "first in turn";
+                    }
+                    if pending.is_empty() {
+                        break None;
+                    }
+                    due.push(0);
+                }
+            } else {
+                due = (0..pending.len())
+                    .filter(|&p| pending[p].due <= now)
+                    .collect();
+                if let Some(&first) = due.first() {
+                    why = if pending[first].due == began {
+                        "at once"
+                    } else {
+                        "its delay passed"
+                    };
+                } else if all_ended && !pending.is_empty() && pending.len() < dial.clients.len() {
+                    // Everyone rung so far has ended (or had no device): the next one now.
+                    due.push(0);
+                    why = "every earlier leg had ended";
+                } else if all_ended && pending.is_empty() {
+                    break None;
+                }
             }
+            if !due.is_empty() {
+                let clients: Vec<usize> = due.iter().map(|&p| pending[p].client).collect();
+                for p in due.iter().rev() {
+                    pending.remove(*p);
+                }
+                let targets = match self.available(dial, &clients).await {
+                    Ok(targets) => targets,
+                    Err(failure) => {
+                        self.note(Kind::Error, failure.clone(), &[]);
+                        presence_failed = Some(failure);
+                        Vec::new()
+                    }
+                };
+                if dial.sequential {
+                    // This Client's turn: its own timeout, its offers expiring with it.
+                    let secs = dial.clients[clients[0]].timeout.unwrap_or(dial.timeout);
+                    let expires = now_ms() + i64::from(secs) * 1000;
+                    let until = tokio::time::Instant::now() + Duration::from_secs(secs.into());
+                    let new =
+                        self.offer(targets, why, expires, &mut legs, &events_tx, &mut started);
+                    turn = Some(Turn { legs: new, until });
+                } else {
+                    self.offer(targets, why, expires, &mut legs, &events_tx, &mut started);
+                }
+                continue;
+            }
+            // The next thing that may happen without a message: a Client falling due, the
+            // current turn ending, an undelivered leg's delivery window closing.
+            let next_due = if dial.sequential {
+                turn.as_ref().map(|t| t.until)
+            } else {
+                pending.iter().map(|p| p.due).min()
+            };
+            let next_delivery = legs
+                .iter()
+                .zip(&started)
+                .filter(|(l, _)| !self.leg_ended(l) && !self.leg_delivered(l))
+                .map(|(_, at)| *at + DELIVERY_WITHIN)
+                .min();
+            let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 heard = events.recv() => {
                     let Some((slot, heard)) = heard else { break None };
@@ -229,15 +362,18 @@ impl Runner {
                         other => self.leg_lost(legs[slot].index, other),
                     }
                 }
-                _ = &mut delivery, if !delivery_checked => {
-                    delivery_checked = true;
-                    for leg in legs.iter().filter(|l| !self.leg_ended(l) && !self.leg_delivered(l)) {
-                        leg.cancel(ppb::CancelReason::Failed);
-                        let why = format!("the offer did not reach the device's session within {DELIVERY_WITHIN:?}");
-                        self.change(|c| end_leg(c, leg.index, LegEndReason::Offline, &why));
+                _ = tokio::time::sleep_until(next_due.unwrap_or(far)), if next_due.is_some() => {}
+                _ = tokio::time::sleep_until(next_delivery.unwrap_or(far)), if next_delivery.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    for (leg, at) in legs.iter().zip(&started) {
+                        if !self.leg_ended(leg) && !self.leg_delivered(leg) && *at + DELIVERY_WITHIN <= now {
+                            leg.cancel(ppb::CancelReason::Failed);
+                            let why = format!("the offer did not reach the device's session within {DELIVERY_WITHIN:?}");
+                            self.change(|c| end_leg(c, leg.index, LegEndReason::Offline, &why));
+                        }
                     }
                 }
-                _ = &mut deadline => {
+                _ = &mut deadline, if !dial.sequential => {
                     for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
                         leg.cancel(ppb::CancelReason::Timeout);
                         self.change(|c| end_leg(c, leg.index, LegEndReason::Timeout, ""));
@@ -260,9 +396,13 @@ impl Runner {
                 }
             }
         };
+        drop(events_tx);
         let Some(winner) = winner else {
             if declined_everywhere {
                 return self.attempt(Outcome::Rejected);
+            }
+            if legs.is_empty() && presence_failed.is_some() {
+                return self.attempt(Outcome::Failed);
             }
             return self.attempt(self.unanswered(busy));
         };

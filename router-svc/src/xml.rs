@@ -26,6 +26,8 @@ pub const MAX_PARAMETERS: usize = 32;
 pub const DIAL_TIMEOUT: (u32, u32, u32) = (30, 1, 600);
 /// Dial `timeLimit` default and bounds, seconds.
 pub const TIME_LIMIT: (u32, u32, u32) = (14_400, 1, 86_400);
+/// `<Client delay>` default and bounds, seconds.
+pub const CLIENT_DELAY: (u32, u32, u32) = (0, 0, 600);
 /// Pause `length` default and bounds, seconds.
 pub const PAUSE_LENGTH: (u32, u32, u32) = (1, 0, 60);
 
@@ -115,6 +117,9 @@ pub struct Dial {
     pub method: Option<Method>,
     /// Longest connected duration, seconds.
     pub time_limit: u32,
+    /// Ring the Clients one at a time, in order (`sequential="true"`), each for its own
+    /// timeout; otherwise all at once (each after its `delay`).
+    pub sequential: bool,
     /// Who to ring.
     pub clients: Vec<ClientNoun>,
 }
@@ -126,6 +131,11 @@ pub struct ClientNoun {
     pub identity: String,
     /// Parameters passed to the devices in the offer.
     pub parameters: BTreeMap<String, String>,
+    /// Seconds after the Dial starts before this Client is rung (`delay`; it is rung at
+    /// once instead when every leg started before it has ended).
+    pub delay: u32,
+    /// Seconds this Client rings in a sequential Dial (`timeout`; default the Dial's).
+    pub timeout: Option<u32>,
 }
 
 /// Why a document was refused; `Display` is the message for the timeline or the caller.
@@ -241,11 +251,31 @@ fn dial(element: &Element) -> Result<Dial, XmlError> {
     if action.as_deref() == Some("") {
         return err("<Dial action=\"\">: action must be a URL when present");
     }
+    let sequential = match element.attribute("sequential").map(str::trim) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return err(format!(
+                "<Dial sequential=\"{other}\">: sequential must be true or false"
+            ));
+        }
+    };
+    if sequential && clients.iter().any(|c| c.delay > 0) {
+        return err(
+            "<Client delay> is for a Dial that rings at once; a sequential <Dial> rings each <Client> in turn",
+        );
+    }
+    if !sequential && clients.iter().any(|c| c.timeout.is_some()) {
+        return err(
+            "<Client timeout> is for a sequential <Dial>; a Dial that rings at once uses the Dial's timeout",
+        );
+    }
     Ok(Dial {
         timeout: element.number("timeout", DIAL_TIMEOUT)?,
         action,
         method: element.method()?,
         time_limit: element.number("timeLimit", TIME_LIMIT)?,
+        sequential,
         clients,
     })
 }
@@ -293,9 +323,15 @@ fn client(noun: &Element) -> Result<ClientNoun, XmlError> {
             "<Client> may have at most {MAX_PARAMETERS} <Parameter>s"
         ));
     }
+    let timeout = match noun.attribute("timeout") {
+        None => None,
+        Some(_) => Some(noun.number("timeout", DIAL_TIMEOUT)?),
+    };
     Ok(ClientNoun {
         identity,
         parameters,
+        delay: noun.number("delay", CLIENT_DELAY)?,
+        timeout,
     })
 }
 

@@ -216,3 +216,58 @@ fn never_panics_on_arbitrary_prefixes_and_byte_soup() {
         let _ = parse(&soup);
     }
 }
+
+#[test]
+fn staged_and_sequential_dials_are_parsed_and_their_bad_attributes_named() {
+    let Ok(verbs) = parse(
+        r#"<Response><Dial timeout="20"><Client>a</Client><Client delay="5">b</Client></Dial></Response>"#,
+    ) else {
+        panic!("a staged Dial is valid");
+    };
+    let Verb::Dial(dial) = &verbs[0] else {
+        panic!("a Dial");
+    };
+    assert!(!dial.sequential);
+    assert_eq!(
+        dial.clients.iter().map(|c| c.delay).collect::<Vec<_>>(),
+        [0, 5]
+    );
+    let Ok(verbs) = parse(
+        r#"<Response><Dial sequential="true"><Client timeout="7">a</Client><Client>b</Client></Dial></Response>"#,
+    ) else {
+        panic!("a sequential Dial is valid");
+    };
+    let Verb::Dial(dial) = &verbs[0] else {
+        panic!("a Dial");
+    };
+    assert!(dial.sequential);
+    assert_eq!(
+        dial.clients.iter().map(|c| c.timeout).collect::<Vec<_>>(),
+        [Some(7), None]
+    );
+    for (document, rule) in [
+        (
+            r#"<Dial sequential="yes"><Client>a</Client></Dial>"#,
+            "sequential must be true or false",
+        ),
+        (
+            r#"<Dial><Client delay="601">a</Client></Dial>"#,
+            "delay must be a whole number from 0 to 600",
+        ),
+        (
+            r#"<Dial><Client timeout="5">a</Client></Dial>"#,
+            "<Client timeout> is for a sequential <Dial>",
+        ),
+        (
+            r#"<Dial sequential="true"><Client delay="5">a</Client></Dial>"#,
+            "<Client delay> is for a Dial that rings at once",
+        ),
+        (
+            r#"<Dial sequential="true"><Client timeout="0">a</Client></Dial>"#,
+            "timeout must be a whole number from 1 to 600",
+        ),
+    ] {
+        let message = refused(&format!("<Response>{document}</Response>"));
+        assert!(message.contains(rule), "{document}: {message}");
+    }
+}

@@ -528,3 +528,157 @@ async fn delivered_and_ringing_show_in_the_leg_the_timeline_the_watch_and_status
     assert_eq!(ringing_callback.param("DeviceId"), Some("phone"));
     assert_eq!(ringing_callback.param("LegId"), Some(leg.leg_id.as_str()));
 }
+
+/// The `why` of the LEG_STARTED event of `identity`'s first leg.
+fn why_started(comm: &pb::Communication, identity: &str) -> String {
+    let leg = comm
+        .legs
+        .iter()
+        .find(|l| l.identity == identity)
+        .unwrap_or_else(|| panic!("no leg of {identity}: {}", story(comm)));
+    comm.timeline
+        .iter()
+        .find(|e| e.kind == Kind::LegStarted as i32 && e.leg_id == leg.leg_id)
+        .and_then(|e| e.details.get("why").cloned())
+        .unwrap_or_default()
+}
+
+fn ms(t: Option<prost_types::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+#[tokio::test]
+async fn a_delayed_client_rings_after_its_delay_or_at_once_when_every_earlier_leg_ended() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial timeout=\"30\"><Client>alice</Client><Client delay=\"3\">bob</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let mut bob = world.device("bob", "desk").await;
+    let router = world.router();
+
+    // Nobody answers: bob is rung once his delay has passed, alice still ringing.
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-delay").await }
+    });
+    let first = alice.offer().await;
+    let second = bob.offer().await;
+    let ringing = router.get("CM-delay").await.unwrap();
+    let (alice_leg, bob_leg) = (&ringing.legs[0], &ringing.legs[1]);
+    assert_eq!(alice_leg.identity, "alice");
+    assert!(
+        ms(bob_leg.start_time) - ms(alice_leg.start_time) >= 3000,
+        "bob was rung before his delay: {}",
+        story(&ringing)
+    );
+    assert_eq!(why_started(&ringing, "alice"), "at once");
+    assert_eq!(why_started(&ringing, "bob"), "its delay passed");
+    bob.answer(&second, true, ppb::RejectReason::Unspecified)
+        .await;
+    assert_eq!(
+        alice.cancelled().await,
+        ppb::CancelReason::AnsweredElsewhere
+    );
+    assert_eq!(routing.await.unwrap().unwrap().connected_identity, "bob");
+    let _ = first;
+    router.hangup("CM-delay").await.unwrap();
+    assert_eq!(bob.ended().await, ppb::EndReason::RemoteHangup);
+
+    // Alice declines at once: bob is rung without waiting for his delay.
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-early").await }
+    });
+    let first = alice.offer().await;
+    alice.decline(&first, ppb::DeclineScope::Here).await;
+    let second = bob.offer().await;
+    let ringing = router.get("CM-early").await.unwrap();
+    assert_eq!(why_started(&ringing, "bob"), "every earlier leg had ended");
+    assert!(
+        ms(ringing.legs[1].start_time) - ms(ringing.legs[0].start_time) < 3000,
+        "bob waited for his delay although alice had declined: {}",
+        story(&ringing)
+    );
+    bob.answer(&second, true, ppb::RejectReason::Unspecified)
+        .await;
+    assert_eq!(routing.await.unwrap().unwrap().connected_identity, "bob");
+    router.hangup("CM-early").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_sequential_dial_rings_one_client_at_a_time_and_advances_on_timeout_or_rejection() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial sequential=\"true\" timeout=\"20\"><Client timeout=\"2\">alice</Client><Client>bob</Client><Client>carol</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let mut bob = world.device("bob", "desk").await;
+    let mut carol = world.device("carol", "tablet").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-seq").await }
+    });
+    // Alice alone rings, for her own 2 s; then her offer times out and bob's turn starts.
+    alice.offer().await;
+    let ringing = router.get("CM-seq").await.unwrap();
+    assert_eq!(ringing.legs.len(), 1, "{}", story(&ringing));
+    assert_eq!(alice.cancelled().await, ppb::CancelReason::Timeout);
+    let on_bob = bob.offer().await;
+    // Bob declines: carol's turn starts at once.
+    bob.decline(&on_bob, ppb::DeclineScope::Here).await;
+    let on_carol = carol.offer().await;
+    carol
+        .answer(&on_carol, true, ppb::RejectReason::Unspecified)
+        .await;
+    let comm = routing.await.unwrap().unwrap();
+    assert_eq!(comm.connected_identity, "carol");
+    assert_eq!(
+        leg_reasons(&router.hangup("CM-seq").await.unwrap()),
+        vec![Leg::Timeout, Leg::Rejected, Leg::Answered]
+    );
+    assert_eq!(why_started(&comm, "alice"), "first in turn");
+    assert_eq!(
+        why_started(&comm, "bob"),
+        "the previous Client's turn ended"
+    );
+    assert_eq!(
+        why_started(&comm, "carol"),
+        "the previous Client's turn ended"
+    );
+    let legs = &comm.legs;
+    assert!(
+        ms(legs[1].start_time) - ms(legs[0].start_time) >= 2000,
+        "bob rang before alice's turn was over"
+    );
+}
+
+#[tokio::test]
+async fn a_sequential_dial_skips_offline_clients_and_ends_no_answer_after_the_last_turn() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial sequential=\"true\" timeout=\"1\"><Client>nobody</Client><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-seq-end").await }
+    });
+    alice.offer().await;
+    assert_eq!(alice.cancelled().await, ppb::CancelReason::Timeout);
+    routing.await.unwrap().unwrap();
+    let ended = router.ended("CM-seq-end").await;
+    assert_eq!(outcome(&ended), Outcome::NoAnswer, "{}", story(&ended));
+    assert_eq!(leg_reasons(&ended), vec![Leg::Timeout]);
+}
