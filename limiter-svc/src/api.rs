@@ -190,7 +190,14 @@ impl LimiterService for LimiterApi {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
-        let (caller, who) = caller(&request, Scope::LimiterAdmin)?;
+        // Reading a key's usage is allowed to whoever may acquire its slots (the router
+        // reads an identity's before ringing it), as well as to admins.
+        let scope = if Caller::of(&request).is_ok_and(|c| c.has(Scope::LimiterAcquire)) {
+            Scope::LimiterAcquire
+        } else {
+            Scope::LimiterAdmin
+        };
+        let (caller, who) = caller(&request, scope)?;
         let key = requests::get_usage(&caller, request.get_ref())?;
         let usage = self.slots.usage(key, &who).await?;
         Ok(Response::new(pb::GetUsageResponse { usage: Some(usage) }))

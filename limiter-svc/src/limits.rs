@@ -28,6 +28,20 @@ pub struct LimitTable {
     mirror: Arc<Mirror>,
 }
 
+/// Resource families whose members (`<family>/<member>`) share the family's limit, each
+/// member counted on its own: `identity.communications/<identity>` counts one identity's
+/// connected communications, limited by the account's `identity.communications`.
+pub const MEMBER_FAMILIES: &[&str] = &["identity.communications"];
+
+/// The family of a member resource, if `resource` is one.
+pub fn member_family(resource: &str) -> Option<&'static str> {
+    let (family, member) = resource.split_once('/')?;
+    if member.is_empty() {
+        return None;
+    }
+    MEMBER_FAMILIES.iter().copied().find(|f| *f == family)
+}
+
 impl LimitTable {
     /// Starts mirroring the limits; `server_default` 0 means unlimited.
     pub fn start(session: &EtcdSession, server_default: u32) -> Self {
@@ -65,13 +79,29 @@ impl LimitTable {
         self.changes.clone()
     }
 
-    /// The limit in force for `key` (None: unlimited) and where it comes from.
+    /// The limit in force for `key` (None: unlimited) and where it comes from. A member of a
+    /// family ([`member_family`]: `identity.communications/<identity>`) has its own limit,
+    /// else its account's limit of the family, else the platform's (`*`) for the member,
+    /// else for the family, else none: the server default does not apply to members.
     pub fn effective(&self, key: &SlotKey) -> (Option<LimitValue>, LimitSource) {
         let Ok(map) = self.limits.read() else {
             return (self.server_default, LimitSource::Server);
         };
         if let Some(limit) = map.get(&(key.account.clone(), key.resource.clone())) {
             return (Some(*limit), LimitSource::Account);
+        }
+        if let Some(family) = member_family(&key.resource) {
+            let found = [
+                ((key.account.as_str(), family), LimitSource::Account),
+                (("*", key.resource.as_str()), LimitSource::Default),
+                (("*", family), LimitSource::Default),
+            ]
+            .into_iter()
+            .find_map(|((account, resource), source)| {
+                map.get(&(account.to_owned(), resource.to_owned()))
+                    .map(|limit| (Some(*limit), source))
+            });
+            return found.unwrap_or((None, LimitSource::Unlimited));
         }
         if let Some(limit) = map.get(&("*".to_owned(), key.resource.clone())) {
             return (Some(*limit), LimitSource::Default);

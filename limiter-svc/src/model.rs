@@ -17,7 +17,7 @@ pub const MAX_WAIT_MS: u32 = 60_000;
 /// Largest limit.
 pub const MAX_LIMIT: u32 = 1_000_000;
 /// Longest resource name.
-pub const RESOURCE_MAX: usize = 128;
+pub const RESOURCE_MAX: usize = 300;
 /// Longest request id.
 pub const REQUEST_ID_MAX: usize = 128;
 
@@ -134,7 +134,8 @@ pub fn hold(value: u32, field: &str) -> Result<u32, FieldError> {
     Ok(value)
 }
 
-/// Resource names: 1–128 characters of `A-Z a-z 0-9 . _ : / -`.
+/// Resource names: 1–300 characters of `A-Z a-z 0-9 . _ : / - @ +` (room for
+/// `identity.communications/<identity>`).
 pub fn resource_name(field: &str, value: &str) -> Result<(), FieldError> {
     if value.is_empty() {
         return Err(FieldError::new(field, "must not be empty"));
@@ -147,11 +148,11 @@ pub fn resource_name(field: &str, value: &str) -> Result<(), FieldError> {
     }
     if !value
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-'))
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-' | '@' | '+'))
     {
         return Err(FieldError::new(
             field,
-            "may only contain A-Z a-z 0-9 . _ : / -",
+            "may only contain A-Z a-z 0-9 . _ : / - @ +",
         ));
     }
     Ok(())

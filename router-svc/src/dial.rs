@@ -12,7 +12,7 @@
 //! stream) and `ringing` (the device said so), each once, with a timeline event and a status
 //! callback; a leg not delivered within [`DELIVERY_WITHIN`] ends offline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use proto::presence::v1 as ppb;
@@ -25,6 +25,7 @@ use crate::legs::{LegLink, LegNews};
 use crate::live::HangupSource;
 use crate::model::{add_leg, end_leg, event, now_ms, set_state, timestamp};
 use crate::runner::Runner;
+use crate::slot::{self, Admission, IdentityUsage, Slot};
 use crate::xml::Dial;
 
 /// How long the presence read may take.
@@ -53,6 +54,8 @@ struct Target {
     device_id: String,
     replica: String,
     parameters: HashMap<String, String>,
+    /// The limiter's word on the identity's connected communications.
+    usage: IdentityUsage,
 }
 
 /// A `<Client>` of the Dial not rung yet.
@@ -148,6 +151,26 @@ impl Runner {
                     ("available_devices", live.len().to_string()),
                 ],
             );
+            let usage = if live.is_empty() {
+                IdentityUsage::Unlimited
+            } else {
+                slot::identity_usage(&self.engine.peers, &self.comm.account, &client.identity).await
+            };
+            if let IdentityUsage::Busy(in_flight, limit) = usage {
+                self.note(
+                    Kind::Limit,
+                    format!(
+                        "{} is busy: {in_flight} of {limit} communications connected",
+                        client.identity
+                    ),
+                    &[
+                        ("identity", client.identity.clone()),
+                        ("decision", "busy".into()),
+                        ("in_flight", in_flight.to_string()),
+                        ("limit", limit.to_string()),
+                    ],
+                );
+            }
             for device in live {
                 let mut parameters = base.clone();
                 parameters.extend(client.parameters.clone());
@@ -156,6 +179,7 @@ impl Runner {
                     device_id: device.device_id.clone(),
                     replica: device.replica.clone(),
                     parameters,
+                    usage,
                 });
             }
         }
@@ -171,7 +195,7 @@ impl Runner {
         expires: i64,
         legs: &mut Vec<LegLink>,
         events: &mpsc::Sender<(usize, LegNews)>,
-        started: &mut Vec<tokio::time::Instant>,
+        limited: &mut HashSet<String>,
     ) -> Vec<usize> {
         let comm = self.comm.snapshot();
         let mut new = Vec::new();
@@ -181,6 +205,21 @@ impl Runner {
                 comm.communication_id,
                 self.comm.read(|c| c.legs.len()) + 1
             );
+            if target.usage == IdentityUsage::Limited {
+                limited.insert(target.identity.clone());
+            }
+            if let IdentityUsage::Busy(in_flight, limit) = target.usage {
+                // Not rung: the leg is recorded, ended busy.
+                let why = format!(
+                    "{} is on {in_flight} of {limit} communications",
+                    target.identity
+                );
+                self.change(|c| {
+                    let index = add_leg(c, &leg_id, &target.identity, &target.device_id);
+                    end_leg(c, index, LegEndReason::Busy, &why);
+                });
+                continue;
+            }
             let index = self.change(|c| {
                 set_state(c, State::Ringing);
                 let index = add_leg(c, &leg_id, &target.identity, &target.device_id);
@@ -215,7 +254,6 @@ impl Runner {
             };
             new.push(legs.len());
             legs.push(self.open_leg(legs.len(), index, &target.replica, start, events.clone()));
-            started.push(tokio::time::Instant::now());
         }
         new
     }
@@ -239,13 +277,15 @@ impl Runner {
             })
             .collect();
         let mut legs: Vec<LegLink> = Vec::new();
-        let mut started: Vec<tokio::time::Instant> = Vec::new();
         let mut turn: Option<Turn> = None;
         let deadline = tokio::time::sleep(Duration::from_secs(dial.timeout.into()));
         tokio::pin!(deadline);
         let mut busy = 0usize;
         let mut declined_everywhere = false;
         let mut presence_failed = None;
+        let mut identity_slot = None;
+        // Identities with a limit of connected communications: a slot is taken on answer.
+        let mut limited = HashSet::new();
         let winner = loop {
             let all_ended = legs.iter().all(|l| self.leg_ended(l));
             // Whom to ring now, and why.
@@ -317,10 +357,10 @@ impl Runner {
                     let expires = now_ms() + i64::from(secs) * 1000;
                     let until = tokio::time::Instant::now() + Duration::from_secs(secs.into());
                     let new =
-                        self.offer(targets, why, expires, &mut legs, &events_tx, &mut started);
+                        self.offer(targets, why, expires, &mut legs, &events_tx, &mut limited);
                     turn = Some(Turn { legs: new, until });
                 } else {
-                    self.offer(targets, why, expires, &mut legs, &events_tx, &mut started);
+                    self.offer(targets, why, expires, &mut legs, &events_tx, &mut limited);
                 }
                 continue;
             }
@@ -333,16 +373,28 @@ impl Runner {
             };
             let next_delivery = legs
                 .iter()
-                .zip(&started)
-                .filter(|(l, _)| !self.leg_ended(l) && !self.leg_delivered(l))
-                .map(|(_, at)| *at + DELIVERY_WITHIN)
+                .filter(|l| !self.leg_ended(l) && !self.leg_delivered(l))
+                .map(|l| l.started + DELIVERY_WITHIN)
                 .min();
             let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 heard = events.recv() => {
                     let Some((slot, heard)) = heard else { break None };
                     match heard {
-                        LegNews::Answered { accept: true, .. } => break Some(slot),
+                        LegNews::Answered { accept: true, .. } => {
+                            match self.identity_slot(legs[slot].index, &limited).await {
+                                Ok(held) => {
+                                    identity_slot = held;
+                                    break Some(slot);
+                                }
+                                Err(why) => {
+                                    // Busy since it was rung (another communication
+                                    // connected it first): this leg cannot connect.
+                                    legs[slot].cancel(ppb::CancelReason::Failed);
+                                    self.change(|c| end_leg(c, legs[slot].index, LegEndReason::Busy, &why));
+                                }
+                            }
+                        }
                         LegNews::Answered { everywhere: true, .. } => {
                             self.change(|c| end_leg(c, legs[slot].index, LegEndReason::Rejected, "declined for every device"));
                             for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
@@ -365,8 +417,8 @@ impl Runner {
                 _ = tokio::time::sleep_until(next_due.unwrap_or(far)), if next_due.is_some() => {}
                 _ = tokio::time::sleep_until(next_delivery.unwrap_or(far)), if next_delivery.is_some() => {
                     let now = tokio::time::Instant::now();
-                    for (leg, at) in legs.iter().zip(&started) {
-                        if !self.leg_ended(leg) && !self.leg_delivered(leg) && *at + DELIVERY_WITHIN <= now {
+                    for leg in &legs {
+                        if !self.leg_ended(leg) && !self.leg_delivered(leg) && leg.started + DELIVERY_WITHIN <= now {
                             leg.cancel(ppb::CancelReason::Failed);
                             let why = format!("the offer did not reach the device's session within {DELIVERY_WITHIN:?}");
                             self.change(|c| end_leg(c, leg.index, LegEndReason::Offline, &why));
@@ -406,7 +458,50 @@ impl Runner {
             }
             return self.attempt(self.unanswered(busy));
         };
-        self.connected(dial, legs, winner, events).await
+        let result = self.connected(dial, legs, winner, events).await;
+        // The identity's slot is held from the answer to the hangup.
+        if let Some(slot) = identity_slot {
+            slot.release().await;
+        }
+        result
+    }
+
+    /// Takes a slot of the identity of leg `index`, which a device accepted: `None` when no
+    /// limit applies (or the limiter cannot be asked: fail open), the reason when the
+    /// identity is at its limit.
+    async fn identity_slot(
+        &self,
+        index: usize,
+        limited: &HashSet<String>,
+    ) -> Result<Option<Slot>, String> {
+        let identity = self.comm.read(|c| c.legs[index].identity.clone());
+        if !limited.contains(&identity) {
+            return Ok(None);
+        }
+        let resource = slot::identity_resource(&identity);
+        let admission = slot::acquire_for(
+            &self.engine.peers,
+            &self.comm.account,
+            &resource,
+            "",
+            self.engine.slot_hold,
+        )
+        .await;
+        match admission {
+            Admission::Granted(slot) => Ok(Some(*slot)),
+            Admission::Unlimited => Ok(None),
+            Admission::Busy { in_flight, limit } => Err(format!(
+                "{identity} became busy: {in_flight} of {limit} communications connected"
+            )),
+            Admission::Unreachable(why) => {
+                self.note(
+                    Kind::Error,
+                    format!("the limiter is unreachable ({why}); connecting {identity} without an identity slot"),
+                    &[],
+                );
+                Ok(None)
+            }
+        }
     }
 
     fn leg_delivered(&self, leg: &LegLink) -> bool {
@@ -465,6 +560,11 @@ impl Runner {
                 .iter()
                 .filter(|r| **r == LegEndReason::Rejected as i32)
                 .count();
+            let busy = busy
+                + reasons
+                    .iter()
+                    .filter(|r| **r == LegEndReason::Busy as i32)
+                    .count();
             if reasons.contains(&(LegEndReason::Timeout as i32)) {
                 Outcome::NoAnswer
             } else if rejected > busy {

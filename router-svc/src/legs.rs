@@ -52,6 +52,8 @@ impl LegNews {
 /// A ringing or connected leg, as the Dial sees it.
 pub(crate) struct LegLink {
     pub(crate) index: usize,
+    /// When the offer was sent.
+    pub(crate) started: tokio::time::Instant,
     requests: mpsc::Sender<ppb::OfferRequest>,
 }
 
@@ -80,7 +82,11 @@ impl Runner {
         events: mpsc::Sender<(usize, LegNews)>,
     ) -> LegLink {
         let (requests, outgoing) = mpsc::channel(4);
-        let link = LegLink { index, requests };
+        let link = LegLink {
+            index,
+            started: tokio::time::Instant::now(),
+            requests,
+        };
         link.tell(Ask::Start(start));
         let relay = self.engine.peers.relay(replica);
         // The leg's calls carry the communication's trace context.

@@ -163,6 +163,7 @@ pub fn reason_name(reason: LegEndReason) -> &'static str {
         LegEndReason::CallerCanceled => "caller_canceled",
         LegEndReason::Failed => "failed",
         LegEndReason::DeclinedElsewhere => "declined_elsewhere",
+        LegEndReason::Busy => "busy",
     }
 }
 

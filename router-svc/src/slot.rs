@@ -11,6 +11,11 @@ use crate::peers::Peers;
 
 /// The limiter resource of communications.
 pub const RESOURCE: &str = "communications";
+/// The limiter resource of one identity's connected communications (its limit: the
+/// account's `identity.communications`, see the limiter's contract).
+pub fn identity_resource(identity: &str) -> String {
+    format!("identity.communications/{identity}")
+}
 /// How long the router waits for the limiter (acquire, renew, release).
 const LIMITER_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -41,11 +46,61 @@ pub struct Slot {
     released: bool,
 }
 
-/// Asks for a slot for `account`, idempotent per communication id.
+/// Asks for a communications slot for `account`, idempotent per communication id.
 pub async fn acquire(
     peers: &Peers,
     account: &str,
     communication_id: &str,
+    hold: Duration,
+) -> Admission {
+    acquire_for(peers, account, RESOURCE, communication_id, hold).await
+}
+
+/// What the limiter says of an identity's connected communications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityUsage {
+    /// No limit applies (or the limiter cannot say): ring it, take no slot.
+    Unlimited,
+    /// Under its limit: ring it, take a slot when it answers.
+    Limited,
+    /// At its limit: (in flight, limit).
+    Busy(u32, u32),
+}
+
+/// Whether `identity` of `account` is limited in connected communications, and busy.
+pub async fn identity_usage(peers: &Peers, account: &str, identity: &str) -> IdentityUsage {
+    let Some(Ok(limiter)) = peers.limiter() else {
+        return IdentityUsage::Unlimited;
+    };
+    let request = pb::GetUsageRequest {
+        account_id: account.to_owned(),
+        resource: identity_resource(identity),
+    };
+    match tokio::time::timeout(LIMITER_DEADLINE, limiter.usage(request)).await {
+        Ok(Ok(answer)) => match answer.usage {
+            Some(usage) if usage.limit > 0 && usage.in_flight >= usage.limit => {
+                IdentityUsage::Busy(usage.in_flight, usage.limit)
+            }
+            Some(usage) if usage.limit > 0 => IdentityUsage::Limited,
+            _ => IdentityUsage::Unlimited,
+        },
+        Ok(Err(status)) => {
+            tracing::warn!(code = ?status.code(), "could not read an identity's usage; ringing it");
+            IdentityUsage::Unlimited
+        }
+        Err(_) => {
+            tracing::warn!("the limiter did not answer an identity's usage in time; ringing it");
+            IdentityUsage::Unlimited
+        }
+    }
+}
+
+/// Asks for a slot of `resource` for `account` (idempotent per `request_id` when given).
+pub async fn acquire_for(
+    peers: &Peers,
+    account: &str,
+    resource: &str,
+    request_id: &str,
     hold: Duration,
 ) -> Admission {
     let Some(limiter) = peers.limiter() else {
@@ -57,8 +112,8 @@ pub async fn acquire(
     };
     let request = pb::AcquireRequest {
         account_id: account.to_owned(),
-        resource: RESOURCE.to_owned(),
-        request_id: communication_id.to_owned(),
+        resource: resource.to_owned(),
+        request_id: request_id.to_owned(),
         hold_seconds: hold.as_secs() as u32,
         wait_timeout_ms: 0,
     };

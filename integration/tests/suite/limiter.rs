@@ -472,7 +472,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing() {
     ready(&c, "AC1", "calls").await;
     let cases = [
         (acquire_req("AC1", "", "", 1, 0), "resource"),
-        (acquire_req("AC1", &"r".repeat(129), "", 1, 0), "resource"),
+        (acquire_req("AC1", &"r".repeat(301), "", 1, 0), "resource"),
         (acquire_req("AC1", "a b", "", 1, 0), "resource"),
         (acquire_req("A C", "calls", "", 1, 0), "account_id"),
         (acquire_req("AC1", "calls", "bad id", 1, 0), "request_id"),
@@ -1548,5 +1548,55 @@ async fn raising_a_limit_or_deleting_its_override_grants_queued_waiters_at_once_
         assert!(release(&mut c, slot).await);
     }
     assert!(granted(&acquire(&mut c, "AC1", "calls", 60).await));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_identitys_communications_take_the_accounts_family_limit_and_are_unlimited_without_one()
+{
+    let etcd = Etcd::start().await;
+    // The server default (1) applies to ordinary resources, not to family members.
+    let server = support::limiter(&etcd, &unique_prefix(), 1).await;
+    let mut c = client(server.addr);
+    let alice = "identity.communications/alice@example.com";
+    let bob = "identity.communications/bob+1";
+    ready(&c, "AC1", alice).await;
+    for _ in 0..3 {
+        assert!(
+            granted(&acquire(&mut c, "AC1", alice, 60).await),
+            "a member without any limit is unlimited"
+        );
+    }
+    let unlimited = usage(&mut c, "AC1", alice).await.unwrap();
+    assert_eq!((unlimited.in_flight, unlimited.limit), (3, 0));
+
+    // The account's limit of the family applies to each member on its own.
+    set_limit(&mut c, "AC1", "identity.communications", 4, false).await;
+    assert!(granted(&acquire(&mut c, "AC1", alice, 60).await));
+    let full = acquire(&mut c, "AC1", alice, 60).await;
+    assert!(!granted(&full), "alice is at the family limit of 4");
+    assert_eq!((full.in_flight, full.limit), (4, 4));
+    assert!(
+        granted(&acquire(&mut c, "AC1", bob, 60).await),
+        "bob is counted apart from alice"
+    );
+    // A member's own limit wins over the family's.
+    set_limit(&mut c, "AC1", alice, 5, false).await;
+    assert!(granted(&acquire(&mut c, "AC1", alice, 60).await));
+    assert_eq!(usage(&mut c, "AC1", alice).await.unwrap().limit, 5);
+    // An account token with only `limiter.acquire` may read its own key's usage.
+    let acquirer = Tokens::platform("AC1", &[Scope::LimiterAcquire]);
+    let read = c
+        .get_usage(Tokens::request(
+            &acquirer,
+            pb::GetUsageRequest {
+                account_id: "AC1".into(),
+                resource: bob.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.usage.unwrap().in_flight, 1);
     server.shutdown().await.unwrap();
 }

@@ -682,3 +682,80 @@ async fn a_sequential_dial_skips_offline_clients_and_ends_no_answer_after_the_la
     assert_eq!(outcome(&ended), Outcome::NoAnswer, "{}", story(&ended));
     assert_eq!(leg_reasons(&ended), vec![Leg::Timeout]);
 }
+
+#[tokio::test]
+async fn an_identity_at_its_limit_is_not_rung_and_a_dial_of_only_busy_targets_is_busy() {
+    let world = World::start(10).await;
+    // Every identity of the account: at most one connected communication.
+    world.set_limit_of("identity.communications", 1).await;
+    let actions = crate::router_support::WebhookServer::start(|_| {
+        (
+            200,
+            "<Response><Say>everyone is busy</Say></Response>".to_owned(),
+        )
+    })
+    .await;
+    world
+        .inline(
+            "support",
+            &format!(
+                "<Response><Dial timeout=\"10\" action=\"{}\"><Client>alice</Client></Dial></Response>",
+                actions.url("/after")
+            ),
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let router = world.router();
+
+    // Alice takes a first communication: she holds her identity slot while connected.
+    let first = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-busy-1").await }
+    });
+    let offer = alice.offer().await;
+    alice
+        .answer(&offer, true, ppb::RejectReason::Unspecified)
+        .await;
+    assert_eq!(
+        first.await.unwrap().unwrap().state,
+        pb::CommunicationState::Connected as i32
+    );
+    assert_eq!(world.in_flight_of("identity.communications/alice").await, 1);
+
+    // A second one does not ring her: her leg ends busy at once, the Dial is busy and its
+    // action is told so.
+    router.route("support", "CM-busy-2").await.unwrap();
+    let second = router.ended("CM-busy-2").await;
+    assert_eq!(leg_reasons(&second), vec![Leg::Busy], "{}", story(&second));
+    let told = crate::router_support::poll_for(&actions, "DialStatus", "busy").await;
+    assert_eq!(told.param("CommunicationSid"), Some("CM-busy-2"));
+    assert!(
+        !kinds(&second).contains(&Kind::LegStarted),
+        "a busy identity was offered the communication: {}",
+        story(&second)
+    );
+
+    // Hung up, she is free again: the slot is released and the next one rings her.
+    router.hangup("CM-busy-1").await.unwrap();
+    assert_eq!(alice.ended().await, ppb::EndReason::RemoteHangup);
+    assert_eq!(
+        world.in_flight_of("identity.communications/alice").await,
+        0,
+        "the identity slot outlived the communication"
+    );
+    let third = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-busy-3").await }
+    });
+    let offer = alice.offer().await;
+    assert_eq!(offer.communication_id, "CM-busy-3");
+    alice
+        .answer(&offer, false, ppb::RejectReason::Declined)
+        .await;
+    third.await.unwrap().unwrap();
+    assert_eq!(
+        world.in_flight_of("identity.communications/alice").await,
+        0,
+        "a declined communication holds no identity slot"
+    );
+}

@@ -153,10 +153,30 @@ impl World {
 
     /// Sets the account's limit of concurrent communications.
     pub async fn set_limit(&self, max: u32) {
+        self.set_limit_of("communications", max).await;
+    }
+
+    /// In-flight slots of [`ACCOUNT`] for `resource`.
+    pub async fn in_flight_of(&self, resource: &str) -> u32 {
+        let mut limiter = LimiterServiceClient::new(support::channel(&self.limiter));
+        let request = lpb::GetUsageRequest {
+            account_id: ACCOUNT.into(),
+            resource: resource.into(),
+        };
+        let usage = limiter
+            .get_usage(Tokens::request(&admin(), request))
+            .await
+            .unwrap()
+            .into_inner();
+        usage.usage.map_or(0, |u| u.in_flight)
+    }
+
+    /// Sets the account's limit of `resource`.
+    pub async fn set_limit_of(&self, resource: &str, max: u32) {
         let mut limiter = LimiterServiceClient::new(support::channel(&self.limiter));
         let limit = lpb::Limit {
             account_id: ACCOUNT.into(),
-            resource: "communications".into(),
+            resource: resource.into(),
             max_in_flight: max,
             shadow: false,
         };

@@ -218,6 +218,18 @@ impl LimiterClient {
         .await
     }
 
+    /// GetUsage, sent to the owner of the key's shard (a read: idempotent).
+    pub async fn usage(
+        &self,
+        request: pb::GetUsageRequest,
+    ) -> Result<pb::GetUsageResponse, Status> {
+        let owner = self.owner(|map| map.owner_of_key(&request.account_id, &request.resource));
+        self.call(owner, true, request, |mut client, request| async move {
+            client.get_usage(request).await
+        })
+        .await
+    }
+
     /// Release, sent to the owner of the slot's shard (idempotent).
     pub async fn release(
         &self,
