@@ -248,7 +248,8 @@ mod tests {
         );
         assert!(spec("", 1, 0).is_err_and(|e| e.field == "resource"));
         assert!(spec("a b", 1, 0).is_err_and(|e| e.field == "resource"));
-        assert!(spec(&"r".repeat(129), 1, 0).is_err_and(|e| e.field == "resource"));
+        assert!(spec(&"r".repeat(RESOURCE_MAX), 1, 0).is_ok());
+        assert!(spec(&"r".repeat(RESOURCE_MAX + 1), 1, 0).is_err_and(|e| e.field == "resource"));
         assert!(spec("calls", 86_401, 0).is_err_and(|e| e.field == "hold_seconds"));
         assert!(spec("calls", 1, 60_001).is_err_and(|e| e.field == "wait_timeout_ms"));
         assert!(

@@ -7,6 +7,7 @@ mod abuse_support;
 mod auth;
 mod etcd;
 mod etcd_security;
+mod examples;
 mod fault_etcd_leader;
 mod fault_etcd_member;
 mod fault_etcd_restart;
