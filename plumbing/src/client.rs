@@ -47,38 +47,78 @@ pub fn channel_with(address: &str, tls: &ClientTls) -> Result<Channel, tonic::tr
 /// An `authorization` metadata value.
 type AuthValue = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
 
-/// Adds `authorization` (a platform token minted here) and `traceparent` to every call.
+/// Adds `authorization` and `traceparent` to every call: a platform token minted here
+/// ([`CallCredentials::platform`]) or a token minted elsewhere ([`CallCredentials::bearer`]).
 #[derive(Clone)]
 pub struct CallCredentials {
-    key_id: Arc<str>,
-    secret: Arc<[u8]>,
-    scopes: Arc<[Scope]>,
-    cached: Arc<Mutex<Option<(AuthValue, i64)>>>,
+    source: Source,
+}
+
+#[derive(Clone)]
+enum Source {
+    /// Signs short-lived platform tokens with the platform key.
+    Platform {
+        key_id: Arc<str>,
+        secret: Arc<[u8]>,
+        scopes: Arc<[Scope]>,
+        cached: Arc<Mutex<Option<(AuthValue, i64)>>>,
+    },
+    /// Sends one token as it is.
+    Bearer(AuthValue),
 }
 
 impl std::fmt::Debug for CallCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CallCredentials")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
+        let mut out = f.debug_struct("CallCredentials");
+        match &self.source {
+            Source::Platform { key_id, .. } => out.field("key_id", key_id),
+            Source::Bearer(_) => out.field("bearer", &"<redacted>"),
+        };
+        out.finish_non_exhaustive()
     }
 }
+
+/// A token that cannot be sent as metadata (it holds characters outside visible ASCII).
+#[derive(Debug, thiserror::Error)]
+#[error("the token is not valid `authorization` metadata (visible ASCII only)")]
+pub struct InvalidToken;
 
 impl CallCredentials {
     /// Credentials signing with the platform key for all accounts, with `scopes`.
     pub fn platform(key_id: &str, secret: &[u8], scopes: &[Scope]) -> Self {
         Self {
-            key_id: key_id.into(),
-            secret: secret.into(),
-            scopes: scopes.into(),
-            cached: Arc::default(),
+            source: Source::Platform {
+                key_id: key_id.into(),
+                secret: secret.into(),
+                scopes: scopes.into(),
+                cached: Arc::default(),
+            },
         }
     }
 
+    /// Credentials sending `token` (a JWT minted by `presence-svc token` or `KeyService`) as
+    /// `authorization: Bearer <token>`; the caller replaces them before it expires.
+    pub fn bearer(token: &str) -> Result<Self, InvalidToken> {
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| InvalidToken)?;
+        Ok(Self {
+            source: Source::Bearer(value),
+        })
+    }
+
     fn token(&self) -> Result<AuthValue, Status> {
+        let (key_id, secret, scopes, cached) = match &self.source {
+            Source::Bearer(value) => return Ok(value.clone()),
+            Source::Platform {
+                key_id,
+                secret,
+                scopes,
+                cached,
+            } => (key_id, secret, scopes, cached),
+        };
         let now = unix_now();
-        let mut cached = self
-            .cached
+        let mut cached = cached
             .lock()
             .map_err(|_| Status::internal("credential cache poisoned"))?;
         if let Some((value, expires)) = cached.as_ref()
@@ -87,11 +127,11 @@ impl CallCredentials {
             return Ok(value.clone());
         }
         let request = TokenRequest {
-            key_id: &self.key_id,
-            secret: &self.secret,
+            key_id,
+            secret,
             account: "*",
             identity: None,
-            scopes: &self.scopes,
+            scopes,
             ttl_secs: SERVICE_TOKEN_TTL,
         };
         let token = jwt::mint(&request, now).map_err(|e| Status::internal(e.to_string()))?;

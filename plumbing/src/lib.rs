@@ -17,6 +17,7 @@
 //! - [`tls`]: TLS of servers (with certificate reload) and of service-to-service calls;
 //! - [`validate`] and [`status`]: field rules and the mapping of these errors to gRPC codes.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod client;

@@ -213,7 +213,7 @@ pub async fn run_with(
     let guard = match peers.limiter() {
         Some(Ok(limiter)) => Some(GuardLayer::with_limiter(
             limiter.clone(),
-            args.guard.guard_fail_closed,
+            args.guard.fail_mode(),
         )),
         _ => GuardLayer::from_args(&args.guard, &args.common, replica.client_tls())?,
     };

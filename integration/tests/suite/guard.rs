@@ -203,3 +203,127 @@ async fn an_unreachable_limiter_fails_open_by_default_and_closed_when_configured
     closed.shutdown().await.unwrap();
     presence.shutdown().await.unwrap();
 }
+
+/// The guard serving a service of its own: the standard health service behind the public
+/// `switchboard-guard` crate, keyed by an `x-account-id` header. Returns its address.
+async fn guarded_health(guard: switchboard_guard::GuardLayer) -> std::net::SocketAddr {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], integration::free_port()).into();
+    let (_, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(guard)
+            .add_service(health)
+            .serve(addr),
+    );
+    integration::wait_serving(addr).await;
+    addr
+}
+
+/// A Health call as account `account` (no header when `None`); its status, OK included.
+async fn health_call(
+    addr: std::net::SocketAddr,
+    account: Option<&str>,
+    watch: bool,
+) -> Result<Option<tonic::Streaming<tonic_health::pb::HealthCheckResponse>>, tonic::Status> {
+    let channel = plumbing::client::channel(&addr.to_string()).unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+    if let Some(account) = account {
+        request
+            .metadata_mut()
+            .insert("x-account-id", account.parse().unwrap());
+    }
+    if !watch {
+        return health.check(request).await.map(|_| None);
+    }
+    let mut stream = health.watch(request).await?.into_inner();
+    // The first message proves the handler ran (and the slot is held while the stream lives).
+    stream.message().await?;
+    Ok(Some(stream))
+}
+
+#[tokio::test]
+async fn the_guard_crate_limits_any_tonic_service_by_its_key_function() {
+    const WATCH: &str = "rpc:/grpc.health.v1.Health/Watch";
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix();
+    let limiter = support::limiter(&etcd, &prefix, 100).await;
+    let mut limits = LimiterServiceClient::new(support::channel(&limiter));
+    let limit = pb::Limit {
+        account_id: "AC1".into(),
+        resource: WATCH.into(),
+        max_in_flight: 1,
+        shadow: false,
+    };
+    let request = pb::SetLimitRequest { limit: Some(limit) };
+    limits
+        .set_limit(Tokens::request(&admin(), request))
+        .await
+        .unwrap();
+    let token = Tokens::platform("*", &[Scope::LimiterAcquire]);
+    let guard = switchboard_guard::guard_by_header(
+        &limiter.addr.to_string(),
+        &token,
+        "x-account-id",
+        switchboard_guard::FailMode::Open,
+    )
+    .unwrap();
+    let addr = guarded_health(guard.clone()).await;
+
+    let held = health_call(addr, Some("AC1"), true).await.unwrap();
+    let refused = health_call(addr, Some("AC1"), true).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("has 1 of 1 requests in flight for /grpc.health.v1.Health/Watch"),
+        "{refused:?}"
+    );
+    assert!(refused.metadata().get("retry-after-ms").is_some());
+    // Another account, another RPC and a request the key function does not key all pass.
+    health_call(addr, Some("AC2"), true).await.unwrap();
+    health_call(addr, Some("AC1"), false).await.unwrap();
+    health_call(addr, None, true).await.unwrap();
+    assert_eq!(guard.fail_open_count(), 0);
+
+    // The slot lives as long as the stream: once it ends, AC1 may watch again.
+    drop(held);
+    poll_until(
+        "the ended stream's slot to be released",
+        Duration::from_secs(5),
+        || async { health_call(addr, Some("AC1"), true).await.ok() },
+    )
+    .await;
+
+    let dead = format!("127.0.0.1:{}", integration::free_port());
+    let open = switchboard_guard::guard_by_header(
+        &dead,
+        &token,
+        "x-account-id",
+        switchboard_guard::FailMode::Open,
+    )
+    .unwrap();
+    let closed = switchboard_guard::guard_by_header(
+        &dead,
+        &token,
+        "x-account-id",
+        switchboard_guard::FailMode::Closed,
+    )
+    .unwrap();
+    let open_addr = guarded_health(open.clone()).await;
+    let closed_addr = guarded_health(closed).await;
+    health_call(open_addr, Some("AC1"), false).await.unwrap();
+    assert_eq!(open.fail_open_count(), 1);
+    let unavailable = health_call(closed_addr, Some("AC1"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(unavailable.code(), Code::Unavailable, "{unavailable:?}");
+    assert!(unavailable.message().contains("limiter is unreachable"));
+    limiter.shutdown().await.unwrap();
+}
+
+#[test]
+fn the_guard_crate_refuses_a_token_that_cannot_be_metadata() {
+    let err = switchboard_guard::CallCredentials::bearer("bad\ntoken").unwrap_err();
+    assert!(!err.to_string().contains("bad"), "{err}");
+}

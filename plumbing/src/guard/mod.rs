@@ -1,9 +1,12 @@
-//! The API guard: a tower layer that makes a service use its own limiter. Before a request
-//! reaches its handler, the guard acquires a slot of resource `rpc:<path>` for the caller's
-//! account from limiter-svc; when the response body ends (for streams: when the stream
-//! ends) the slot is released. Over the limit the caller gets RESOURCE_EXHAUSTED with
-//! `retry-after-ms` metadata and a `google.rpc.RetryInfo` detail, once the rest of the
-//! request has been read ([`crate::refusal`]).
+//! The API guard: a tower layer that puts limiter-svc in front of a tonic service. Before a
+//! request reaches its handler, the guard asks its *key function* what the request counts
+//! against — a [`GuardKey`]: an account and a resource, by default `rpc:<path>` of the
+//! caller's account — and acquires one slot of that key from limiter-svc; when the
+//! response body ends (for streams: when the stream ends) the slot is released. Over the
+//! limit the caller gets RESOURCE_EXHAUSTED with `retry-after-ms` metadata and a
+//! `google.rpc.RetryInfo` detail, once the rest of the request has been read
+//! ([`crate::refusal`]). A key function that answers `None` lets the request through
+//! unguarded.
 //!
 //! Slots of long streams are renewed every [`RENEW_EVERY`] while the stream lives, so a
 //! replica that crashes mid-stream leaks nothing for longer than [`HOLD_SECS`]. No task
@@ -11,10 +14,13 @@
 //! sends the releases (`slots`). Calls go straight to the shard's owner
 //! ([`LimiterClient`]).
 //!
-//! Platform callers (other Switchboard services) are not guarded: they act for every
-//! account at once, and limiting them by `*` would throttle all tenants together.
+//! Switchboard's own services use [`switchboard_key`]: platform callers (other Switchboard
+//! services) are not guarded — they act for every account at once, and limiting them by
+//! `*` would throttle all tenants together — nor are health and reflection. Any other
+//! tonic service chooses its own key ([`GuardLayer::with_key`], [`header_key`]).
 //! When the limiter cannot be reached the guard fails open (the request proceeds; logged
-//! and counted in [`GuardLayer::fail_open_count`]) unless configured to fail closed.
+//! and counted in [`GuardLayer::fail_open_count`]) unless configured to fail closed
+//! ([`FailMode`]).
 //!
 //! limiter-svc cannot guard its own API through itself: [`GuardLayer::local`] is the same
 //! guard over a local per-account count of requests in flight ([`AccountQuota`]), with
@@ -68,18 +74,87 @@ pub struct GuardArgs {
     pub guard_fail_closed: bool,
 }
 
+impl GuardArgs {
+    /// `--guard-fail-closed` as a [`FailMode`].
+    pub fn fail_mode(&self) -> FailMode {
+        if self.guard_fail_closed {
+            FailMode::Closed
+        } else {
+            FailMode::Open
+        }
+    }
+}
+
+/// What one request counts against: its account's requests in flight for `resource`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardKey {
+    /// The account whose limit applies (limiter-svc's `account_id`).
+    pub account: String,
+    /// The limiter resource (at most 300 characters of `[A-Za-z0-9._:/@+-]`).
+    pub resource: String,
+}
+
+/// Chooses a request's [`GuardKey`] from its head (method, URI, headers, extensions), or
+/// `None` to let it through unguarded. Called once per request, before its body is read.
+pub type KeyFn = Arc<dyn Fn(&http::request::Parts) -> Option<GuardKey> + Send + Sync>;
+
+/// What the guard does with a request when limiter-svc cannot be reached (no answer within
+/// two seconds, or an error other than a decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailMode {
+    /// Let the request through, logged and counted ([`GuardLayer::fail_open_count`]).
+    #[default]
+    Open,
+    /// Refuse it with UNAVAILABLE "the concurrency limiter is unreachable; retry".
+    Closed,
+}
+
+/// The key of Switchboard's own services: resource `rpc:<path>` of the authenticated
+/// caller's account (the [`Caller`] that the auth layer leaves in the extensions). Platform
+/// callers, callers of account `*`, unauthenticated requests and the health and reflection
+/// services are not guarded.
+pub fn switchboard_key(head: &http::request::Parts) -> Option<GuardKey> {
+    let path = head.uri.path();
+    if PUBLIC_PATH_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return None;
+    }
+    match head.extensions.get::<Caller>() {
+        Some(caller) if !caller.platform && caller.account != "*" => Some(GuardKey {
+            account: caller.account.clone(),
+            resource: format!("rpc:{path}"),
+        }),
+        _ => None,
+    }
+}
+
+/// A key function for any tonic service: the account is the value of the request metadata
+/// `header` (e.g. `x-account-id`, set by the service's own authentication in front of the
+/// guard), the resource `rpc:<path>`. Requests without the header are not guarded.
+pub fn header_key(
+    header: &'static str,
+) -> impl Fn(&http::request::Parts) -> Option<GuardKey> + Clone + Send + Sync + 'static {
+    move |head: &http::request::Parts| {
+        let account = head.headers.get(header)?.to_str().ok()?.trim();
+        (!account.is_empty()).then(|| GuardKey {
+            account: account.to_owned(),
+            resource: format!("rpc:{}", head.uri.path()),
+        })
+    }
+}
+
 /// See the module docs.
 #[derive(Clone)]
 pub struct GuardLayer {
     backend: Backend,
-    fail_closed: bool,
+    key: KeyFn,
+    fail: FailMode,
     fail_open: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for GuardLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuardLayer")
-            .field("fail_closed", &self.fail_closed)
+            .field("fail", &self.fail)
             .field("local", &matches!(self.backend, Backend::Local(_)))
             .finish_non_exhaustive()
     }
@@ -87,25 +162,37 @@ impl std::fmt::Debug for GuardLayer {
 
 impl GuardLayer {
     /// A guard calling limiter-svc at `address` (over `tls`; a comma-separated list of
-    /// seed addresses), signing with `credentials`.
+    /// seed addresses), signing with `credentials`, keyed by [`switchboard_key`].
     pub fn new(
         address: &str,
         tls: &ClientTls,
         credentials: CallCredentials,
-        fail_closed: bool,
+        fail: FailMode,
     ) -> Result<Self, LimiterClientError> {
         let limiter = LimiterClient::from_address(address, tls, credentials)?;
-        Ok(Self::with_limiter(limiter, fail_closed))
+        Ok(Self::with_limiter(limiter, fail))
     }
 
-    /// A guard acquiring through `limiter` (whose credentials need `limiter.acquire`), for
-    /// a service that shares one [`LimiterClient`] between the guard and its own calls.
-    pub fn with_limiter(limiter: LimiterClient, fail_closed: bool) -> Self {
+    /// A guard acquiring through `limiter` (whose credentials need `limiter.acquire` for
+    /// the accounts it guards), keyed by [`switchboard_key`]; for a service that shares one
+    /// [`LimiterClient`] between the guard and its own calls. Must be called within a
+    /// Tokio runtime (it starts the worker that renews and releases slots).
+    pub fn with_limiter(limiter: LimiterClient, fail: FailMode) -> Self {
         Self {
             backend: Backend::Limiter(Arc::new(SlotKeeper::new(limiter))),
-            fail_closed,
+            key: Arc::new(switchboard_key),
+            fail,
             fail_open: Arc::default(),
         }
+    }
+
+    /// The same guard, choosing each request's key with `key` instead.
+    pub fn with_key(
+        mut self,
+        key: impl Fn(&http::request::Parts) -> Option<GuardKey> + Send + Sync + 'static,
+    ) -> Self {
+        self.key = Arc::new(key);
+        self
     }
 
     /// A guard that needs no limiter: each account may have at most `max_inflight` requests
@@ -117,7 +204,8 @@ impl GuardLayer {
                 "requests in flight",
                 "--max-inflight-per-account",
             )),
-            fail_closed: false,
+            key: Arc::new(switchboard_key),
+            fail: FailMode::Open,
             fail_open: Arc::default(),
         }
     }
@@ -144,7 +232,7 @@ impl GuardLayer {
             secret.as_bytes(),
             &[Scope::LimiterAcquire],
         );
-        Self::new(address, tls, credentials, args.guard_fail_closed).map(Some)
+        Self::new(address, tls, credentials, args.fail_mode()).map(Some)
     }
 
     /// Requests let through because the limiter could not be reached.
@@ -190,18 +278,15 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let mut inner = crate::take_ready(&mut self.inner);
-        let path = request.uri().path().to_owned();
-        let caller = request.extensions().get::<Caller>().cloned();
+        let (head, body) = request.into_parts();
+        let key = (self.guard.key)(&head);
+        let request = http::Request::from_parts(head, body);
         let guard = self.guard.clone();
         Box::pin(async move {
-            let account = match caller {
-                Some(caller) if !caller.platform && caller.account != "*" => caller.account,
-                _ => return inner.call(request).await,
-            };
-            if PUBLIC_PATH_PREFIXES.iter().any(|p| path.starts_with(p)) {
+            let Some(key) = key else {
                 return inner.call(request).await;
-            }
-            match guard.admit(&account, &path).await {
+            };
+            match guard.admit(&key).await {
                 Admission::Granted(held) => {
                     let response = inner.call(request).await?;
                     Ok(response.map(|body| {
@@ -248,15 +333,16 @@ pub fn exhausted(message: String, retry_after: Duration) -> tonic::Status {
 }
 
 impl GuardLayer {
-    async fn admit(&self, account: &str, path: &str) -> Admission {
+    async fn admit(&self, key: &GuardKey) -> Admission {
         let keeper = match &self.backend {
             Backend::Limiter(keeper) => keeper,
             Backend::Local(quota) => {
-                return match quota.try_acquire(account) {
+                return match quota.try_acquire(&key.account) {
                     Ok(permit) => Admission::Granted(Held::Permit { _permit: permit }),
                     Err(full) => Admission::Refused(exhausted(
                         format!(
-                            "{full} (at {path}); retry after {} ms",
+                            "{full} (at {}); retry after {} ms",
+                            key.resource.strip_prefix("rpc:").unwrap_or(&key.resource),
                             LOCAL_RETRY_AFTER.as_millis()
                         ),
                         LOCAL_RETRY_AFTER,
@@ -264,7 +350,7 @@ impl GuardLayer {
                 };
             }
         };
-        match self.acquire(keeper.limiter(), account, path).await {
+        match self.acquire(keeper.limiter(), key).await {
             Ok(slot) => Admission::Granted(Held::Slot {
                 _slot: keeper.hold(slot),
             }),
@@ -272,16 +358,12 @@ impl GuardLayer {
         }
     }
 
-    /// A slot of `rpc:<path>`, or the admission when there is none.
-    async fn acquire(
-        &self,
-        limiter: &LimiterClient,
-        account: &str,
-        path: &str,
-    ) -> Result<String, Admission> {
+    /// A slot of `key`, or the admission when there is none.
+    async fn acquire(&self, limiter: &LimiterClient, key: &GuardKey) -> Result<String, Admission> {
+        let GuardKey { account, resource } = key;
         let request = pb::AcquireRequest {
-            account_id: account.to_owned(),
-            resource: format!("rpc:{path}"),
+            account_id: account.clone(),
+            resource: resource.clone(),
             request_id: String::new(),
             hold_seconds: HOLD_SECS,
             wait_timeout_ms: 0,
@@ -295,8 +377,11 @@ impl GuardLayer {
                 let retry = Duration::from_millis(u64::from(answer.retry_after_ms));
                 Err(Admission::Refused(exhausted(
                     format!(
-                        "account `{account}` has {} of {} requests in flight for {path}; retry after {} ms",
-                        answer.in_flight, answer.limit, answer.retry_after_ms
+                        "account `{account}` has {} of {} requests in flight for {}; retry after {} ms",
+                        answer.in_flight,
+                        answer.limit,
+                        resource.strip_prefix("rpc:").unwrap_or(resource),
+                        answer.retry_after_ms
                     ),
                     retry,
                 )))
@@ -307,7 +392,7 @@ impl GuardLayer {
     }
 
     fn unreachable(&self, why: &str) -> Admission {
-        if self.fail_closed {
+        if self.fail == FailMode::Closed {
             tracing::warn!(%why, "API guard: limiter unreachable; refusing (fail closed)");
             return Admission::Refused(tonic::Status::unavailable(
                 "the concurrency limiter is unreachable; retry",
