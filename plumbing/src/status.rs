@@ -18,11 +18,15 @@ pub fn from_auth(err: AuthError) -> Status {
     Status::new(code, err.to_string())
 }
 
-/// UNAVAILABLE when etcd is unreachable, OUT_OF_RANGE for compacted revisions, INTERNAL for
-/// unreadable records.
+/// UNAVAILABLE when etcd is unreachable or the replica's lease went away (it takes a new
+/// one; a retry is served), OUT_OF_RANGE for compacted revisions, INTERNAL for unreadable
+/// records and for requests etcd refuses (the deployment's etcd permissions or limits).
 pub fn from_etcd(err: EtcdError) -> Status {
     match err {
-        EtcdError::Unavailable(_) => Status::unavailable(err.to_string()),
+        EtcdError::Unavailable(_) | EtcdError::LeaseNotFound(_) => {
+            Status::unavailable(err.to_string())
+        }
+        EtcdError::Refused { .. } => Status::internal(err.to_string()),
         EtcdError::Compacted { .. } => Status::out_of_range(format!(
             "{err}; resnapshot and resume from the new revision"
         )),

@@ -355,7 +355,7 @@ impl CommStore {
         let applied = match answer {
             Ok(answer) if answer.succeeded() => true,
             Err(err) => {
-                if err.to_string().contains("lease") {
+                if matches!(err, EtcdError::LeaseNotFound(_)) {
                     self.inner.retention.forget().await;
                 }
                 return Err(err);
@@ -474,7 +474,7 @@ async fn commit(inner: &Inner, creations: Vec<Creation>, dirty: Vec<(String, Dir
             .await
             .map(|r| r.op_responses());
         match &result {
-            Err(EtcdError::Unavailable(message)) if attempt == 0 && message.contains("lease") => {
+            Err(EtcdError::LeaseNotFound(_)) if attempt == 0 => {
                 // The retention lease went away under us: take a new one and retry once.
                 inner.retention.forget().await;
             }
@@ -514,11 +514,11 @@ async fn commit(inner: &Inner, creations: Vec<Creation>, dirty: Vec<(String, Dir
         Err(err) => {
             tracing::warn!(error = %err, "communication records not written");
             for creation in creations {
-                let _ = creation.done.send(Err(clone_error(&err)));
+                let _ = creation.done.send(Err(err.clone()));
             }
             for (_, entry) in dirty {
                 for waiter in entry.waiters {
-                    let _ = waiter.send(Err(clone_error(&err)));
+                    let _ = waiter.send(Err(err.clone()));
                 }
             }
         }
@@ -596,22 +596,5 @@ fn created(key: &str, response: TxnOpResponse) -> Result<Created, EtcdError> {
         None => Err(EtcdError::Unavailable(
             "record vanished during creation".into(),
         )),
-    }
-}
-
-fn clone_error(err: &EtcdError) -> EtcdError {
-    match err {
-        EtcdError::Unavailable(m) => EtcdError::Unavailable(m.clone()),
-        EtcdError::Compacted {
-            requested,
-            compact_revision,
-        } => EtcdError::Compacted {
-            requested: *requested,
-            compact_revision: *compact_revision,
-        },
-        EtcdError::Corrupt { key, reason } => EtcdError::Corrupt {
-            key: key.clone(),
-            reason: reason.clone(),
-        },
     }
 }

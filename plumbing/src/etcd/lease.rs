@@ -197,11 +197,7 @@ async fn keep_one(session: &EtcdSession, id: i64, ttl: i64) -> LeaseLost {
                 deadline = Instant::now() + Duration::from_secs(remaining as u64);
             }
             Ok(Ok(_)) => return LeaseLost::Expired,
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
-                if message.contains("not found") =>
-            {
-                return LeaseLost::Expired;
-            }
+            Ok(Err(err)) if super::is_lease_not_found(&err) => return LeaseLost::Expired,
             Ok(Err(err)) => {
                 tracing::warn!(lease = id, error = %err, "lease keep-alive failed; retrying");
                 stream = None;

@@ -37,13 +37,28 @@ pub const ATTEMPT_DEADLINE: Duration = Duration::from_millis(1000);
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 const RETRY_PAUSE_MAX: Duration = Duration::from_millis(400);
 
-/// Why an etcd operation failed, classified so callers map it to a gRPC code without
-/// looking at message text.
-#[derive(Debug, thiserror::Error)]
+/// Why an etcd operation failed, classified so callers match on it (and map it to a gRPC
+/// code) without looking at message text. [`EtcdError::is_retryable`] says which ones a
+/// later attempt may cure.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EtcdError {
-    /// etcd could not be reached, or did not answer before the deadline.
+    /// etcd could not be reached, or did not answer before the deadline. Retryable; for a
+    /// write, whether it applied is unknown.
     #[error("etcd unavailable: {0}")]
     Unavailable(String),
+    /// The request named a lease etcd does not have (it expired or was revoked): the
+    /// caller must take a new lease before writing under one again.
+    #[error("etcd lease not found: {0}")]
+    LeaseNotFound(String),
+    /// etcd refused the request (permission denied, invalid request, a size limit…): the
+    /// same request will be refused again.
+    #[error("etcd refused the request ({code:?}): {message}")]
+    Refused {
+        /// etcd's gRPC code.
+        code: tonic::Code,
+        /// etcd's message.
+        message: String,
+    },
     /// The requested revision has been compacted away; the caller must resnapshot.
     #[error("revision {requested} is compacted (oldest available is {compact_revision})")]
     Compacted {
@@ -140,9 +155,39 @@ pub fn is_transient(err: &etcd_client::Error) -> bool {
     }
 }
 
+impl EtcdError {
+    /// Whether the same request may succeed when sent again (etcd was unreachable or
+    /// leaderless). A lost lease, a refusal or a corrupt record are not cured by retrying.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, EtcdError::Unavailable(_))
+    }
+}
+
+/// Whether etcd said the lease named by a request (or a keep-alive) does not exist: it
+/// answers NOT_FOUND "requested lease not found", and the keep-alive stream reports it as
+/// text. The one place that reads etcd's message text for it.
+pub(crate) fn is_lease_not_found(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == Code::NotFound && status.message().contains("lease")
+        }
+        _ => false,
+    }
+}
+
 impl From<etcd_client::Error> for EtcdError {
     fn from(err: etcd_client::Error) -> Self {
-        EtcdError::Unavailable(err.to_string())
+        if is_lease_not_found(&err) {
+            return EtcdError::LeaseNotFound(err.to_string());
+        }
+        match &err {
+            etcd_client::Error::GRpcStatus(status) if !is_transient(&err) => EtcdError::Refused {
+                code: status.code(),
+                message: status.message().to_owned(),
+            },
+            _ => EtcdError::Unavailable(err.to_string()),
+        }
     }
 }
 
@@ -399,4 +444,46 @@ fn describe(err: &etcd_client::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn etcd_errors_are_classified_by_kind_and_only_unavailable_is_retryable() {
+        let lost = EtcdError::from(status(
+            Code::NotFound,
+            "etcdserver: requested lease not found",
+        ));
+        assert!(matches!(lost, EtcdError::LeaseNotFound(_)), "{lost:?}");
+        let lost = EtcdError::from(etcd_client::Error::LeaseKeepAliveError(
+            "lease not found".into(),
+        ));
+        assert!(matches!(lost, EtcdError::LeaseNotFound(_)), "{lost:?}");
+        assert!(!lost.is_retryable());
+
+        let down = EtcdError::from(status(Code::Unavailable, "etcdserver: no leader"));
+        assert!(matches!(down, EtcdError::Unavailable(_)), "{down:?}");
+        assert!(down.is_retryable());
+
+        let refused = EtcdError::from(status(Code::PermissionDenied, "permission denied"));
+        assert!(
+            matches!(
+                refused,
+                EtcdError::Refused {
+                    code: Code::PermissionDenied,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        assert!(!refused.is_retryable());
+        let other = EtcdError::from(status(Code::NotFound, "key not found"));
+        assert!(matches!(other, EtcdError::Refused { .. }), "{other:?}");
+    }
 }
