@@ -147,13 +147,13 @@ impl LimiterService for LimiterApi {
         request: Request<pb::ListLimitsRequest>,
     ) -> Result<Response<pb::ListLimitsResponse>, Status> {
         let (caller, _) = caller(&request, Scope::LimiterAdmin)?;
-        let (account, page) = requests::list_limits(&caller, request.get_ref())?;
-        let r = request.into_inner();
-        let (limits, more) = self.limits.list(&account, &r.page_token, page);
-        let next_page_token = if more {
-            limits.last().map(|(r, _)| r.clone()).unwrap_or_default()
-        } else {
-            String::new()
+        let (account, page, after) = requests::list_limits(&caller, request.get_ref())?;
+        let (limits, more) = self.limits.list(&account, &after, page);
+        let next_page_token = match limits.last() {
+            Some((last, _)) if more => {
+                plumbing::paging::encode(&requests::limits_listing(&account), last)
+            }
+            _ => String::new(),
         };
         let limits = limits
             .into_iter()

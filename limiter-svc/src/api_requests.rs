@@ -4,16 +4,12 @@
 //! `limiter_requests` fuzz target calls the same functions.
 
 use plumbing::auth::Caller;
+use plumbing::paging;
 use plumbing::validate::{self, FieldError};
 use proto::limiter::v1 as pb;
 
 use crate::error::Error;
 use crate::model::{self, AcquireSpec, LimitValue, MAX_LIMIT, SlotId, SlotKey};
-
-/// Default page of ListLimits.
-pub const DEFAULT_PAGE: usize = 100;
-/// Largest page of ListLimits.
-pub const MAX_PAGE: usize = 1000;
 
 /// Acquire: the validated slot request.
 pub fn acquire(caller: &Caller, request: &pb::AcquireRequest) -> Result<AcquireSpec, Error> {
@@ -69,21 +65,20 @@ pub fn get_limit(caller: &Caller, request: &pb::GetLimitRequest) -> Result<SlotK
     limit_key(caller, &request.account_id, &request.resource)
 }
 
-/// ListLimits: the account and the page size.
+/// ListLimits: the account, the page size and the resource the page starts after.
 pub fn list_limits(
     caller: &Caller,
     request: &pb::ListLimitsRequest,
-) -> Result<(String, usize), Error> {
+) -> Result<(String, usize, String), Error> {
     let account = limit_account(caller, &request.account_id)?;
-    if request.page_size < 0 {
-        return Err(FieldError::new("page_size", "must not be negative").into());
-    }
-    let page = usize::try_from(request.page_size)
-        .ok()
-        .filter(|p| *p > 0)
-        .unwrap_or(DEFAULT_PAGE)
-        .min(MAX_PAGE);
-    Ok((account, page))
+    let page = paging::page_size(request.page_size)?;
+    let after = paging::decode(&request.page_token, &limits_listing(&account))?;
+    Ok((account, page, after.unwrap_or_default()))
+}
+
+/// What a ListLimits page token is bound to ([`paging`]): the account listed.
+pub fn limits_listing(account: &str) -> String {
+    format!("ListLimits/{account}")
 }
 
 /// DeleteLimit (platform callers only): the key.

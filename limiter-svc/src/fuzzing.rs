@@ -60,10 +60,10 @@ fn check(caller: &Caller, data: &[u8]) {
         own_key(caller, &key, true);
     }
     if let Ok(r) = pb::ListLimitsRequest::decode(data)
-        && let Ok((account, page)) = requests::list_limits(caller, &r)
+        && let Ok((account, page, _after)) = requests::list_limits(caller, &r)
     {
         own_account(caller, &account, true);
-        assert!((1..=requests::MAX_PAGE).contains(&page));
+        assert!((1..=plumbing::paging::MAX_PAGE_SIZE).contains(&page));
     }
     if let Ok(r) = pb::DeleteLimitRequest::decode(data)
         && let Ok(key) = requests::delete_limit(caller, &r)

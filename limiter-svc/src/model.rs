@@ -181,12 +181,8 @@ pub enum LimitSource {
     Unlimited,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// Milliseconds since the Unix epoch, as the slot table keeps expiries.
+pub use plumbing::time::now_ms_u64 as now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -12,9 +12,11 @@
 //!   request deadline); [`quota`]: per-account caps counted on one replica;
 //! - [`refusal`]: how a layer refuses a call before its handler without costing the
 //!   connection (the rest of the request is read first);
+//! - [`paging`]: page sizes and the one page-token format of every List RPC;
 //! - [`metrics`]: Prometheus metrics and the `--metrics-listen` endpoint;
 //! - [`client`]: channels and call credentials for service-to-service calls;
 //! - [`tls`]: TLS of servers (with certificate reload) and of service-to-service calls;
+//! - [`time`]: wall-clock time since the epoch, in seconds and milliseconds;
 //! - [`validate`] and [`status`]: field rules and the mapping of these errors to gRPC codes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,11 +31,13 @@ pub mod guard;
 pub mod limiter;
 pub mod limits;
 pub mod metrics;
+pub mod paging;
 pub mod quota;
 pub mod refusal;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
 pub mod validate;
 

@@ -2,9 +2,8 @@
 //! checks the caller, turns the request into domain values (with the field rules), calls
 //! the domain and turns the result into the response.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use plumbing::auth::{Caller, Scope};
+use plumbing::paging;
 use plumbing::validate::FieldError;
 use prost::Message;
 use proto::presence::v1 as pb;
@@ -194,7 +193,9 @@ impl PresenceService for PresenceApi {
         Ok(Response::new(pb::ListPresenceResponse {
             presences,
             next_page_token: next
-                .map_or_else(String::new, |after| PageToken::encode(&after, filter)),
+                .map_or_else(String::new, |after| {
+                    PageToken::encode(&read.account, &after, filter)
+                }),
             revision,
         }))
     }
@@ -210,38 +211,26 @@ impl PresenceService for PresenceApi {
     }
 }
 
-/// ListPresence page tokens: the last identity of the page and the filter it was listed
-/// with, base64url-encoded (opaque to clients).
+/// ListPresence page tokens ([`plumbing::paging`]): the cursor is the last identity of the
+/// page; a token is bound to the account and the status filter it was listed with.
 struct PageToken;
 
 impl PageToken {
-    fn encode(after: &str, filter: pb::Status) -> String {
-        URL_SAFE_NO_PAD.encode(format!("v1:{}:{after}", filter as i32))
+    fn listing(account: &str, filter: pb::Status) -> String {
+        format!("ListPresence/{account}/{}", filter.as_str_name())
     }
 
-    fn decode(token: &str, filter: pb::Status) -> Result<Option<String>, Error> {
-        if token.is_empty() {
-            return Ok(None);
+    fn encode(account: &str, after: &str, filter: pb::Status) -> String {
+        paging::encode(&Self::listing(account, filter), after)
+    }
+
+    fn decode(token: &str, account: &str, filter: pb::Status) -> Result<Option<String>, Error> {
+        let after = paging::decode(token, &Self::listing(account, filter))?;
+        if let Some(after) = &after {
+            rules::identity("page_token", after)
+                .map_err(|_| FieldError::new("page_token", "is not a token this server returned"))?;
         }
-        let invalid =
-            || FieldError::new("page_token", "is not a token from a previous ListPresence");
-        let text = URL_SAFE_NO_PAD
-            .decode(token)
-            .ok()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .ok_or_else(invalid)?;
-        let mut parts = text.splitn(3, ':');
-        let (Some("v1"), Some(status), Some(after)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid().into());
-        };
-        if status != (filter as i32).to_string() {
-            return Err(
-                FieldError::new("page_token", "must be used with the same status filter").into(),
-            );
-        }
-        rules::identity("page_token", after).map_err(|_| invalid())?;
-        Ok(Some(after.to_owned()))
+        Ok(after)
     }
 }
 
@@ -282,13 +271,14 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_bind_the_filter() {
-        let token = PageToken::encode("alice", pb::Status::Busy);
+        let token = PageToken::encode("AC1", "alice", pb::Status::Busy);
         assert_eq!(
-            PageToken::decode(&token, pb::Status::Busy).unwrap(),
+            PageToken::decode(&token, "AC1", pb::Status::Busy).unwrap(),
             Some("alice".to_owned())
         );
-        assert!(PageToken::decode(&token, pb::Status::Available).is_err());
-        assert!(PageToken::decode("garbage!", pb::Status::Busy).is_err());
-        assert_eq!(PageToken::decode("", pb::Status::Busy).unwrap(), None);
+        assert!(PageToken::decode(&token, "AC1", pb::Status::Available).is_err());
+        assert!(PageToken::decode(&token, "AC2", pb::Status::Busy).is_err());
+        assert!(PageToken::decode("garbage!", "AC1", pb::Status::Busy).is_err());
+        assert_eq!(PageToken::decode("", "AC1", pb::Status::Busy).unwrap(), None);
     }
 }

@@ -169,9 +169,9 @@ pub fn list_presence(
     r: &pb::ListPresenceRequest,
 ) -> Result<(Read, usize, pb::Status, Option<String>), Error> {
     let account = identity::account(caller, "account_id", &r.account_id)?;
-    let size = rules::page_size("page_size", r.page_size)?;
+    let size = plumbing::paging::page_size(r.page_size)?;
     let filter = rules::status_filter("status", r.status)?;
-    let after = PageToken::decode(&r.page_token, filter)?;
+    let after = PageToken::decode(&r.page_token, &account, filter)?;
     Ok((read(account, r.min_revision)?, size, filter, after))
 }
 

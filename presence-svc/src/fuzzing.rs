@@ -92,7 +92,7 @@ fn check(caller: &Caller, data: &[u8]) {
         && let Ok((read, size, _, after)) = requests::list_presence(caller, &r)
     {
         check_read(caller, &read);
-        assert!((1..=rules::PAGE_MAX).contains(&size));
+        assert!((1..=plumbing::paging::MAX_PAGE_SIZE).contains(&size));
         assert!(after.is_none_or(|a| rules::identity("page_token", &a).is_ok()));
     }
     if let Ok(r) = pb::WatchPresenceRequest::decode(data)

@@ -2,14 +2,12 @@
 //! The store itself lives in `plumbing::auth::keys`, since every service verifies with it.
 
 use plumbing::auth::{Caller, KeyStore, StoredKey};
+use plumbing::paging;
 use proto::presence::v1 as pb;
 use proto::presence::v1::key_service_server::KeyService;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-
-/// Default and largest page sizes of ListKeys.
-const DEFAULT_PAGE_SIZE: usize = 100;
 
 /// The KeyService handlers.
 #[derive(Debug, Clone)]
@@ -57,18 +55,23 @@ impl KeyService for KeyApi {
             .map_err(Error::from)?;
         let body = request.into_inner();
         let account = Some(body.account_id.as_str()).filter(|a| !a.is_empty());
-        let page_size = usize::try_from(body.page_size)
-            .ok()
-            .filter(|s| *s > 0)
-            .unwrap_or(DEFAULT_PAGE_SIZE);
+        let page_size = paging::page_size(body.page_size).map_err(Error::from)?;
+        // A token continues the listing of the account filter it was returned for; its
+        // cursor is the last key id of the page before.
+        let listing = format!("ListKeys/{}", account.unwrap_or("*"));
+        let after = paging::decode(&body.page_token, &listing).map_err(Error::from)?;
         let (keys, next) = self
             .keys
-            .list(account, page_size, &body.page_token)
+            .list(account, page_size, after.as_deref().unwrap_or(""))
             .await
             .map_err(Error::from)?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: keys.iter().map(to_proto).collect(),
-            next_page_token: next,
+            next_page_token: if next.is_empty() {
+                next
+            } else {
+                paging::encode(&listing, &next)
+            },
         }))
     }
 

@@ -317,12 +317,7 @@ impl StoredDevice {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use plumbing::time::now_ms;
 
 /// A protobuf timestamp from Unix milliseconds.
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {

@@ -30,10 +30,6 @@ pub const ATTRIBUTES_BYTES_MAX: usize = 4096;
 pub const CONTACT_MAX: usize = 1024;
 /// Most identities in one BatchGetPresence or WatchPresence.
 pub const IDENTITIES_MAX: usize = 1000;
-/// ListPresence page size when the request gives none.
-pub const PAGE_DEFAULT: usize = 100;
-/// Largest ListPresence page.
-pub const PAGE_MAX: usize = 1000;
 /// Most offer parameters (the router merges up to 32 Route and 32 `<Parameter>` ones).
 pub const PARAMETERS_MAX: usize = 64;
 /// Longest offer parameter name, in characters.
@@ -211,14 +207,6 @@ pub fn identities(field: &str, values: &[String], allow_empty: bool) -> Result<(
     Ok(())
 }
 
-/// ListPresence `page_size`: 0 means the default, above the maximum is clamped.
-pub fn page_size(field: &str, value: i32) -> Result<usize, FieldError> {
-    match usize::try_from(value) {
-        Err(_) => Err(FieldError::new(field, "must not be negative")),
-        Ok(0) => Ok(PAGE_DEFAULT),
-        Ok(size) => Ok(size.min(PAGE_MAX)),
-    }
-}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -302,10 +290,4 @@ mod tests {
         assert!(identities("identities", &[], true).is_ok());
     }
 
-    #[test]
-    fn page_sizes_default_and_clamp() {
-        assert_eq!(page_size("page_size", 0), Ok(PAGE_DEFAULT));
-        assert_eq!(page_size("page_size", 5000), Ok(PAGE_MAX));
-        assert!(page_size("page_size", -1).is_err());
-    }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use plumbing::auth::{Caller, Scope};
+use plumbing::paging;
 use proto::router::v1 as pb;
 use proto::router::v1::router_service_server::RouterService;
 use tonic::{Request, Response, Status};
@@ -100,7 +101,7 @@ impl RouterService for RouterApi {
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
         let account = authorise(&request, Scope::RouterAdmin, &request.get_ref().account_id)?;
         let r = request.into_inner();
-        let page = requests::list_applications(&r)?;
+        let page = requests::list_applications(&account, &r)?;
         let (page, next) = self
             .engine
             .apps
@@ -111,7 +112,9 @@ impl RouterService for RouterApi {
                 .iter()
                 .map(|(address, record)| record.to_pb(&account, address, false))
                 .collect(),
-            next_page_token: next.map(|n| rules::page_token(&n)).unwrap_or_default(),
+            next_page_token: next
+                .map(|n| paging::encode(&requests::applications_listing(&account), &n))
+                .unwrap_or_default(),
         }))
     }
 
@@ -177,7 +180,7 @@ impl RouterService for RouterApi {
     ) -> Result<Response<pb::ListCommunicationsResponse>, Status> {
         let account = authorise(&request, Scope::RouterRoute, &request.get_ref().account_id)?;
         let r = request.into_inner();
-        let requests::Page { size, after } = requests::list_communications(&r)?;
+        let requests::Page { size, after } = requests::list_communications(&account, &r)?;
         let mut all = self.engine.list(&account).await?;
         all.retain(|c| r.state == 0 || c.state == r.state);
         let key =
@@ -188,7 +191,8 @@ impl RouterService for RouterApi {
         }
         let next = (all.len() > size).then(|| {
             let (ms, id) = key(&all[size - 1]);
-            rules::page_token(&format!("{ms}:{id}"))
+            let listing = requests::communications_listing(&account, r.state);
+            paging::encode(&listing, &format!("{ms}:{id}"))
         });
         all.truncate(size);
         Ok(Response::new(pb::ListCommunicationsResponse {

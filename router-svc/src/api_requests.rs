@@ -3,6 +3,7 @@
 //! touch the domain, and the `router_requests` fuzz target calls the same functions.
 
 use plumbing::auth::{Caller, Scope};
+use plumbing::paging;
 use plumbing::validate::{self, FieldError};
 use proto::router::v1 as pb;
 
@@ -12,7 +13,7 @@ use crate::rules;
 /// A page request: its size and where it starts (`None`: the first page).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page<C> {
-    /// Entries per page, 1 to [`rules::MAX_PAGE`].
+    /// Entries per page, 1 to [`plumbing::paging::MAX_PAGE_SIZE`].
     pub size: usize,
     /// The cursor of the last entry of the previous page.
     pub after: Option<C>,
@@ -41,12 +42,26 @@ pub fn application_address(address: &str) -> Result<(), Error> {
     Ok(rules::address("address", address)?)
 }
 
-/// ListApplications: the page; the cursor is the last address of the previous page.
-pub fn list_applications(request: &pb::ListApplicationsRequest) -> Result<Page<String>, Error> {
+/// ListApplications of `account`: the page; the cursor is the last address of the previous
+/// page.
+pub fn list_applications(
+    account: &str,
+    request: &pb::ListApplicationsRequest,
+) -> Result<Page<String>, Error> {
     Ok(Page {
-        size: rules::page_size(request.page_size)?,
-        after: rules::cursor(&request.page_token)?,
+        size: paging::page_size(request.page_size)?,
+        after: paging::decode(&request.page_token, &applications_listing(account))?,
     })
+}
+
+/// What a ListApplications page token is bound to ([`paging`]): the account.
+pub fn applications_listing(account: &str) -> String {
+    format!("ListApplications/{account}")
+}
+
+/// What a ListCommunications page token is bound to: the account and the state filter.
+pub fn communications_listing(account: &str, state: i32) -> String {
+    format!("ListCommunications/{account}/{state}")
 }
 
 /// Route: the channel (default `voice`).
@@ -62,10 +77,12 @@ pub fn communication_id(id: &str) -> Result<(), Error> {
 /// ListCommunications: the page (the cursor is the create time in ms and the id of the
 /// last communication of the previous page).
 pub fn list_communications(
+    account: &str,
     request: &pb::ListCommunicationsRequest,
 ) -> Result<Page<(i64, String)>, Error> {
-    let size = rules::page_size(request.page_size)?;
-    let after = rules::cursor(&request.page_token)?;
+    let size = paging::page_size(request.page_size)?;
+    let listing = communications_listing(account, request.state);
+    let after = paging::decode(&request.page_token, &listing)?;
     let after = after.map(|c| parse_cursor(&c)).transpose()?;
     if pb::CommunicationState::try_from(request.state).is_err() {
         return Err(FieldError::new("state", format!("unknown value {}", request.state)).into());

@@ -273,7 +273,7 @@ impl ApplicationStore {
             Some(address) => format!("{prefix}{address}\0"),
             None => prefix.clone(),
         };
-        let end = prefix_end(&prefix);
+        let end = plumbing::etcd::prefix_end(&prefix);
         let options = GetOptions::new()
             .with_range(end)
             .with_limit(page_size as i64 + 1);
@@ -313,14 +313,6 @@ fn decode(kv: &KeyValue) -> Result<AppRecord, EtcdError> {
     })
 }
 
-/// The key just after every key starting with `prefix`.
-pub fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    if let Some(last) = end.last_mut() {
-        *last += 1;
-    }
-    end
-}
 
 fn apply(copy: &RwLock<HashMap<String, Arc<AppRecord>>>, root: &str, update: MirrorUpdate) {
     let mut copy = copy.write().unwrap_or_else(PoisonError::into_inner);

@@ -114,11 +114,15 @@ pub fn router_requests(data: &[u8]) {
     }
     if let Ok(r) = pb::ListApplicationsRequest::decode(data) {
         accounts(&callers, Scope::RouterAdmin, &r.account_id);
-        if let Ok(page) = requests::list_applications(&r) {
-            assert!((1..=rules::MAX_PAGE).contains(&page.size));
+        if let Ok(page) = requests::list_applications(&r.account_id, &r) {
+            assert!((1..=plumbing::paging::MAX_PAGE_SIZE).contains(&page.size));
             if let Some(after) = page.after {
-                let token = rules::page_token(&after);
-                assert_eq!(rules::cursor(&token), Ok(Some(after)));
+                let listing = requests::applications_listing(&r.account_id);
+                let token = plumbing::paging::encode(&listing, &after);
+                assert_eq!(
+                    plumbing::paging::decode(&token, &listing),
+                    Ok(Some(after))
+                );
             }
         }
     }
@@ -138,8 +142,8 @@ pub fn router_requests(data: &[u8]) {
     }
     if let Ok(r) = pb::ListCommunicationsRequest::decode(data) {
         accounts(&callers, Scope::RouterRoute, &r.account_id);
-        if let Ok(page) = requests::list_communications(&r) {
-            assert!((1..=rules::MAX_PAGE).contains(&page.size));
+        if let Ok(page) = requests::list_communications(&r.account_id, &r) {
+            assert!((1..=plumbing::paging::MAX_PAGE_SIZE).contains(&page.size));
         }
     }
     if let Ok(r) = pb::HangupRequest::decode(data) {

@@ -8,12 +8,7 @@ use proto::router::v1 as pb;
 use proto::router::v1::TimelineEventKind as Kind;
 use proto::router::v1::{CommunicationState as State, LegEndReason, LegState, Outcome};
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use plumbing::time::now_ms;
 
 /// A protobuf timestamp for `ms` since the epoch.
 pub fn timestamp(ms: i64) -> Timestamp {

@@ -10,10 +10,6 @@ use proto::router::v1 as pb;
 use crate::url::WebhookUrl;
 use crate::xml;
 
-/// Default and largest page of the List RPCs.
-pub const DEFAULT_PAGE: usize = 100;
-/// Largest page of the List RPCs.
-pub const MAX_PAGE: usize = 1000;
 /// Signing secret length bounds.
 const SECRET_LEN: (usize, usize) = (16, 256);
 
@@ -199,29 +195,5 @@ pub fn reason(value: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// A page size: 0 → default, above the maximum → the maximum, negative → error.
-pub fn page_size(value: i32) -> Result<usize, FieldError> {
-    match value {
-        0 => Ok(DEFAULT_PAGE),
-        n if n < 0 => Err(FieldError::new("page_size", "must not be negative")),
-        n => Ok((n as usize).min(MAX_PAGE)),
-    }
-}
 
-/// Encodes a page token.
-pub fn page_token(cursor: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(cursor)
-}
 
-/// Decodes a page token ("" → none).
-pub fn cursor(token: &str) -> Result<Option<String>, FieldError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .map(Some)
-        .ok_or_else(|| FieldError::new("page_token", "is not a token this server returned"))
-}

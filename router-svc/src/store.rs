@@ -39,7 +39,6 @@ use plumbing::metrics::TxnStats;
 use prost::Message;
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::apps::prefix_end;
 use crate::live::{HangupSource, LiveComm};
 use crate::model::{StoredRecord, finish_lost, is_ended};
 use crate::retention::Retention;
@@ -235,7 +234,7 @@ impl CommStore {
     /// Every stored record of an account.
     pub async fn list(&self, account: &str) -> Result<Vec<StoredRecord>, EtcdError> {
         let prefix = self.key(account, "");
-        let options = GetOptions::new().with_range(prefix_end(&prefix));
+        let options = GetOptions::new().with_range(plumbing::etcd::prefix_end(&prefix));
         let mut client = self.inner.session.client();
         let response = self
             .inner
@@ -257,7 +256,7 @@ impl CommStore {
             .session
             .retry(CALL_DEADLINE, |mut client| {
                 let root = root.clone();
-                let options = GetOptions::new().with_range(prefix_end(&root));
+                let options = GetOptions::new().with_range(plumbing::etcd::prefix_end(&root));
                 async move { client.get(root.as_str(), Some(options)).await }
             })
             .await?;

@@ -18,8 +18,6 @@ use crate::validate::{self, FieldError};
 
 /// How long a write waits for this replica's mirror to show it before returning.
 const MIRROR_CATCH_UP: Duration = Duration::from_secs(2);
-/// Largest page `list` returns.
-pub const MAX_PAGE_SIZE: usize = 1000;
 
 /// One account key as stored in etcd.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,7 +199,7 @@ impl KeyStore {
         page_size: usize,
         page_token: &str,
     ) -> Result<(Vec<StoredKey>, String), KeyError> {
-        let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+        let page_size = page_size.clamp(1, crate::paging::MAX_PAGE_SIZE);
         let prefix = self.path("");
         let mut from = if page_token.is_empty() {
             prefix.clone()
@@ -213,7 +211,7 @@ impl KeyStore {
         // page is full (one extra tells whether another page exists) or the range ends.
         loop {
             let options = GetOptions::new()
-                .with_range(prefix_end(&prefix))
+                .with_range(crate::etcd::prefix_end(&prefix))
                 .with_limit(256)
                 .with_sort(SortTarget::Key, SortOrder::Ascend);
             let mut client = self.session.client();
@@ -287,14 +285,3 @@ fn decode(path: &[u8], value: &[u8]) -> Result<StoredKey, EtcdError> {
     })
 }
 
-/// The end of the etcd range covering every key that starts with `prefix`.
-pub fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}

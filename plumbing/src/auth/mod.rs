@@ -369,12 +369,8 @@ fn caller(claims: jwt::Claims, platform: bool, key_id: String) -> Caller {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+/// Seconds since the Unix epoch ([`crate::time::now_secs`]).
+pub use crate::time::now_secs as unix_now;
 
 #[cfg(test)]
 mod tests {

@@ -163,6 +163,20 @@ impl EtcdError {
     }
 }
 
+/// The end of the etcd range covering every key that starts with `prefix`: the prefix with
+/// its last byte below 0xff incremented (trailing 0xff bytes dropped); `\0` — "to the end
+/// of the keyspace" — when every byte is 0xff.
+pub fn prefix_end(prefix: impl AsRef<[u8]>) -> Vec<u8> {
+    let mut end = prefix.as_ref().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Whether etcd said the lease named by a request (or a keep-alive) does not exist: it
 /// answers NOT_FOUND "requested lease not found", and the keep-alive stream reports it as
 /// text. The one place that reads etcd's message text for it.
@@ -452,6 +466,14 @@ mod tests {
 
     fn status(code: Code, message: &str) -> etcd_client::Error {
         etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn a_prefix_range_ends_after_every_key_with_the_prefix() {
+        assert_eq!(prefix_end("a/b/"), b"a/b0");
+        assert_eq!(prefix_end([b'a', 0xff]), b"b");
+        assert_eq!(prefix_end([0xff, 0xff]), [0]);
+        assert_eq!(prefix_end(""), [0]);
     }
 
     #[test]
