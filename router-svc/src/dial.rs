@@ -25,6 +25,7 @@ use crate::legs::{LegLink, LegNews};
 use crate::live::HangupSource;
 use crate::model::{add_leg, end_leg, event, now_ms, set_state, timestamp};
 use crate::runner::Runner;
+use crate::schedule::{self, Action, Schedule, Unanswered};
 use crate::slot::{self, Admission, IdentityUsage, Slot};
 use crate::xml::Dial;
 
@@ -56,20 +57,6 @@ struct Target {
     parameters: HashMap<String, String>,
     /// The limiter's word on the identity's connected communications.
     usage: IdentityUsage,
-}
-
-/// A `<Client>` of the Dial not rung yet.
-struct Pending {
-    /// Its index in the Dial.
-    client: usize,
-    /// When it is due (its `delay` after the Dial started; at once for a sequential Dial).
-    due: tokio::time::Instant,
-}
-
-/// The legs of one `<Client>`'s turn in a sequential Dial, and when the turn ends.
-struct Turn {
-    legs: Vec<usize>,
-    until: tokio::time::Instant,
 }
 
 impl Runner {
@@ -267,110 +254,55 @@ impl Runner {
         let (events_tx, mut events) = mpsc::channel::<(usize, LegNews)>(64);
         // A parallel Dial ends at its timeout; a sequential one when its last turn does.
         let expires = now_ms() + i64::from(dial.timeout) * 1000;
-        let mut pending: Vec<Pending> = dial
-            .clients
-            .iter()
-            .enumerate()
-            .map(|(client, c)| Pending {
-                client,
-                due: began + Duration::from_secs(c.delay.into()),
-            })
-            .collect();
+        let mut schedule = Schedule::new(dial);
         let mut legs: Vec<LegLink> = Vec::new();
-        let mut turn: Option<Turn> = None;
         let deadline = tokio::time::sleep(Duration::from_secs(dial.timeout.into()));
         tokio::pin!(deadline);
-        let mut busy = 0usize;
-        let mut declined_everywhere = false;
-        let mut presence_failed = None;
+        let mut unanswered = Unanswered::default();
         let mut identity_slot = None;
         // Identities with a limit of connected communications: a slot is taken on answer.
         let mut limited = HashSet::new();
+        let since = |began: tokio::time::Instant| began.elapsed().as_millis() as u64;
         let winner = loop {
-            let all_ended = legs.iter().all(|l| self.leg_ended(l));
             // Whom to ring now, and why.
-            let now = tokio::time::Instant::now();
-            let mut due: Vec<usize> = Vec::new();
-            let mut why = "";
-            if dial.sequential {
-                let turn_over = turn.as_ref().is_none_or(|t| {
-                    now >= t.until || t.legs.iter().all(|&l| self.leg_ended(&legs[l]))
-                });
-                if turn_over {
-                    if let Some(t) = turn.take() {
-                        for &l in &t.legs {
-                            if !self.leg_ended(&legs[l]) {
-                                legs[l].cancel(ppb::CancelReason::Timeout);
-                                self.change(|c| {
-                                    end_leg(
-                                        c,
-                                        legs[l].index,
-                                        LegEndReason::Timeout,
-                                        "its turn ended",
-                                    )
-                                });
-                            }
-                        }
-                        why = "the previous Client's turn ended";
-                    } else {
-                        why = "first in turn";
-                    }
-                    if pending.is_empty() {
-                        break None;
-                    }
-                    due.push(0);
-                }
-            } else {
-                due = (0..pending.len())
-                    .filter(|&p| pending[p].due <= now)
-                    .collect();
-                if let Some(&first) = due.first() {
-                    why = if pending[first].due == began {
-                        "at once"
-                    } else {
-                        "its delay passed"
-                    };
-                } else if all_ended && !pending.is_empty() && pending.len() < dial.clients.len() {
-                    // Everyone rung so far has ended (or had no device): the next one now.
-                    due.push(0);
-                    why = "every earlier leg had ended";
-                } else if all_ended && pending.is_empty() {
-                    break None;
-                }
+            let step = schedule.next(since(began), legs.len(), |l| self.leg_ended(&legs[l]));
+            for l in step.expired {
+                legs[l].cancel(ppb::CancelReason::Timeout);
+                self.change(|c| end_leg(c, legs[l].index, LegEndReason::Timeout, "its turn ended"));
             }
-            if !due.is_empty() {
-                let clients: Vec<usize> = due.iter().map(|&p| pending[p].client).collect();
-                for p in due.iter().rev() {
-                    pending.remove(*p);
-                }
-                let targets = match self.available(dial, &clients).await {
-                    Ok(targets) => targets,
-                    Err(failure) => {
-                        self.note(Kind::Error, failure.clone(), &[]);
-                        presence_failed = Some(failure);
-                        Vec::new()
-                    }
-                };
-                if dial.sequential {
-                    // This Client's turn: its own timeout, its offers expiring with it.
-                    let secs = dial.clients[clients[0]].timeout.unwrap_or(dial.timeout);
-                    let expires = now_ms() + i64::from(secs) * 1000;
-                    let until = tokio::time::Instant::now() + Duration::from_secs(secs.into());
-                    let new =
+            match step.action {
+                Action::Over => break None,
+                Action::Wait => {}
+                Action::Ring {
+                    clients,
+                    why,
+                    turn_secs,
+                } => {
+                    let targets = match self.available(dial, &clients).await {
+                        Ok(targets) => targets,
+                        Err(failure) => {
+                            self.note(Kind::Error, failure.clone(), &[]);
+                            unanswered.presence_failed = true;
+                            Vec::new()
+                        }
+                    };
+                    if let Some(secs) = turn_secs {
+                        // This Client's turn: its own timeout, its offers expiring with it.
+                        let expires = now_ms() + i64::from(secs) * 1000;
+                        let new =
+                            self.offer(targets, why, expires, &mut legs, &events_tx, &mut limited);
+                        schedule.begin_turn(new, since(began), secs);
+                    } else {
                         self.offer(targets, why, expires, &mut legs, &events_tx, &mut limited);
-                    turn = Some(Turn { legs: new, until });
-                } else {
-                    self.offer(targets, why, expires, &mut legs, &events_tx, &mut limited);
+                    }
+                    continue;
                 }
-                continue;
             }
             // The next thing that may happen without a message: a Client falling due, the
             // current turn ending, an undelivered leg's delivery window closing.
-            let next_due = if dial.sequential {
-                turn.as_ref().map(|t| t.until)
-            } else {
-                pending.iter().map(|p| p.due).min()
-            };
+            let next_due = schedule
+                .wake_at()
+                .map(|ms| began + Duration::from_millis(ms));
             let next_delivery = legs
                 .iter()
                 .filter(|l| !self.leg_ended(l) && !self.leg_delivered(l))
@@ -401,17 +333,20 @@ impl Runner {
                                 leg.cancel(ppb::CancelReason::DeclinedElsewhere);
                                 self.change(|c| end_leg(c, leg.index, LegEndReason::DeclinedElsewhere, ""));
                             }
-                            declined_everywhere = true;
+                            unanswered.declined_everywhere = true;
                             break None;
                         }
                         LegNews::Answered { busy: is_busy, .. } => {
-                            busy += usize::from(is_busy);
+                            unanswered.busy_rejections += usize::from(is_busy);
                             let why = if is_busy { "busy" } else { "declined" };
                             self.change(|c| end_leg(c, legs[slot].index, LegEndReason::Rejected, why));
                         }
                         LegNews::Delivered => self.leg_progress(legs[slot].index, false),
                         LegNews::Ringing => self.leg_progress(legs[slot].index, true),
-                        other => self.leg_lost(legs[slot].index, other),
+                        other => {
+                            let (reason, why) = schedule::lost_leg(&other);
+                            self.change(|c| end_leg(c, legs[slot].index, reason, &why));
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(next_due.unwrap_or(far)), if next_due.is_some() => {}
@@ -425,7 +360,7 @@ impl Runner {
                         }
                     }
                 }
-                _ = &mut deadline, if !dial.sequential => {
+                _ = &mut deadline, if schedule.has_deadline() => {
                     for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
                         leg.cancel(ppb::CancelReason::Timeout);
                         self.change(|c| end_leg(c, leg.index, LegEndReason::Timeout, ""));
@@ -433,15 +368,11 @@ impl Runner {
                     break None;
                 }
                 source = self.comm.hangup_requested() => {
-                    let (cancel, reason) = match source {
-                        HangupSource::Api(_) => (ppb::CancelReason::CallerCanceled, LegEndReason::CallerCanceled),
-                        HangupSource::Shutdown | HangupSource::SettledElsewhere => (ppb::CancelReason::Failed, LegEndReason::Failed),
-                    };
+                    let (cancel, reason, outcome) = schedule::hangup_while_ringing(&source);
                     for leg in legs.iter().filter(|l| !self.leg_ended(l)) {
                         leg.cancel(cancel);
                         self.change(|c| end_leg(c, leg.index, reason, ""));
                     }
-                    let outcome = if matches!(source, HangupSource::Api(_)) { Outcome::Canceled } else { Outcome::Failed };
                     let mut result = self.attempt(outcome);
                     result.hangup = Some(source);
                     return result;
@@ -450,13 +381,13 @@ impl Runner {
         };
         drop(events_tx);
         let Some(winner) = winner else {
-            if declined_everywhere {
-                return self.attempt(Outcome::Rejected);
-            }
-            if legs.is_empty() && presence_failed.is_some() {
-                return self.attempt(Outcome::Failed);
-            }
-            return self.attempt(self.unanswered(busy));
+            let reasons: Vec<LegEndReason> = self.comm.read(|c| {
+                c.legs
+                    .iter()
+                    .map(|l| LegEndReason::try_from(l.end_reason).unwrap_or_default())
+                    .collect()
+            });
+            return self.attempt(unanswered.outcome(&reasons));
         };
         let result = self.connected(dial, legs, winner, events).await;
         // The identity's slot is held from the answer to the hangup.
@@ -517,67 +448,6 @@ impl Runner {
             c.legs
                 .get(leg.index)
                 .is_none_or(|l| l.state == LegState::Ended as i32)
-        })
-    }
-
-    /// A leg stopped without an answer: offline, or failed.
-    fn leg_lost(&self, index: usize, heard: LegNews) {
-        let (reason, why) = match heard {
-            LegNews::Gone(reason) => {
-                let why = ppb::LeaveReason::try_from(reason).map_or("gone", |r| r.as_str_name());
-                (
-                    LegEndReason::Offline,
-                    format!("the device's session ended ({why})"),
-                )
-            }
-            LegNews::Failed(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::NotFound
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::Unavailable
-                ) =>
-            {
-                (
-                    LegEndReason::Offline,
-                    format!("{:?}: {}", status.code(), status.message()),
-                )
-            }
-            LegNews::Failed(status) => (
-                LegEndReason::Failed,
-                format!("{:?}: {}", status.code(), status.message()),
-            ),
-            _ => (LegEndReason::Offline, "the offer stream ended".to_owned()),
-        };
-        self.change(|c| end_leg(c, index, reason, &why));
-    }
-
-    /// The outcome when nobody accepted.
-    fn unanswered(&self, busy: usize) -> Outcome {
-        self.comm.read(|c| {
-            let reasons: Vec<i32> = c.legs.iter().map(|l| l.end_reason).collect();
-            let rejected = reasons
-                .iter()
-                .filter(|r| **r == LegEndReason::Rejected as i32)
-                .count();
-            let busy = busy
-                + reasons
-                    .iter()
-                    .filter(|r| **r == LegEndReason::Busy as i32)
-                    .count();
-            if reasons.contains(&(LegEndReason::Timeout as i32)) {
-                Outcome::NoAnswer
-            } else if rejected > busy {
-                Outcome::Rejected
-            } else if busy > 0 {
-                Outcome::Busy
-            } else if reasons.contains(&(LegEndReason::Failed as i32))
-                && !reasons.contains(&(LegEndReason::Offline as i32))
-            {
-                Outcome::Failed
-            } else {
-                Outcome::Offline
-            }
         })
     }
 
@@ -646,17 +516,8 @@ impl Runner {
                     break format!("the time limit of {}s was reached", dial.time_limit);
                 }
                 source = self.comm.hangup_requested() => {
-                    let reason = match source {
-                        HangupSource::Api(_) => ppb::EndReason::RemoteHangup,
-                        HangupSource::Shutdown | HangupSource::SettledElsewhere => ppb::EndReason::Failed,
-                    };
+                    let (reason, why) = schedule::hangup_while_connected(&source);
                     legs[winner].tell(Ask::End(ppb::OfferEnd { reason: reason as i32 }));
-                    let why = match &source {
-                        HangupSource::Api(reason) if !reason.is_empty() => format!("the caller hung up: {reason}"),
-                        HangupSource::Api(_) => "the caller hung up".to_owned(),
-                        HangupSource::Shutdown => "the router replica is stopping".to_owned(),
-                        HangupSource::SettledElsewhere => "settled by another router replica (router_lost)".to_owned(),
-                    };
                     hangup = Some(source);
                     break why;
                 }

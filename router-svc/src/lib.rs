@@ -70,6 +70,7 @@ pub mod peers;
 pub mod retention;
 pub mod rules;
 pub mod runner;
+pub(crate) mod schedule;
 pub mod slot;
 pub mod stats;
 pub mod store;
