@@ -106,7 +106,12 @@ mod tests {
 
     #[test]
     fn anything_else_is_not_a_token_of_this_server() {
-        for token in ["Zm9v", "!!!", &URL_SAFE_NO_PAD.encode("v2:x:y"), &"A".repeat(3000)] {
+        for token in [
+            "Zm9v",
+            "!!!",
+            &URL_SAFE_NO_PAD.encode("v2:x:y"),
+            &"A".repeat(3000),
+        ] {
             let err = decode(token, "x").unwrap_err();
             assert_eq!(err.field, "page_token");
             assert!(err.rule.contains("not a token"), "{token}: {err}");

@@ -192,10 +192,9 @@ impl PresenceService for PresenceApi {
         );
         Ok(Response::new(pb::ListPresenceResponse {
             presences,
-            next_page_token: next
-                .map_or_else(String::new, |after| {
-                    PageToken::encode(&read.account, &after, filter)
-                }),
+            next_page_token: next.map_or_else(String::new, |after| {
+                PageToken::encode(&read.account, &after, filter)
+            }),
             revision,
         }))
     }
@@ -227,8 +226,9 @@ impl PageToken {
     fn decode(token: &str, account: &str, filter: pb::Status) -> Result<Option<String>, Error> {
         let after = paging::decode(token, &Self::listing(account, filter))?;
         if let Some(after) = &after {
-            rules::identity("page_token", after)
-                .map_err(|_| FieldError::new("page_token", "is not a token this server returned"))?;
+            rules::identity("page_token", after).map_err(|_| {
+                FieldError::new("page_token", "is not a token this server returned")
+            })?;
         }
         Ok(after)
     }
@@ -279,6 +279,9 @@ mod tests {
         assert!(PageToken::decode(&token, "AC1", pb::Status::Available).is_err());
         assert!(PageToken::decode(&token, "AC2", pb::Status::Busy).is_err());
         assert!(PageToken::decode("garbage!", "AC1", pb::Status::Busy).is_err());
-        assert_eq!(PageToken::decode("", "AC1", pb::Status::Busy).unwrap(), None);
+        assert_eq!(
+            PageToken::decode("", "AC1", pb::Status::Busy).unwrap(),
+            None
+        );
     }
 }

@@ -207,7 +207,6 @@ pub fn identities(field: &str, values: &[String], allow_empty: bool) -> Result<(
     Ok(())
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -289,5 +288,4 @@ mod tests {
         assert!(identities("identities", &[], false).is_err());
         assert!(identities("identities", &[], true).is_ok());
     }
-
 }

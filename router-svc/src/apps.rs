@@ -313,7 +313,6 @@ fn decode(kv: &KeyValue) -> Result<AppRecord, EtcdError> {
     })
 }
 
-
 fn apply(copy: &RwLock<HashMap<String, Arc<AppRecord>>>, root: &str, update: MirrorUpdate) {
     let mut copy = copy.write().unwrap_or_else(PoisonError::into_inner);
     let name = |kv: &KeyValue| {

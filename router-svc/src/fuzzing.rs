@@ -119,10 +119,7 @@ pub fn router_requests(data: &[u8]) {
             if let Some(after) = page.after {
                 let listing = requests::applications_listing(&r.account_id);
                 let token = plumbing::paging::encode(&listing, &after);
-                assert_eq!(
-                    plumbing::paging::decode(&token, &listing),
-                    Ok(Some(after))
-                );
+                assert_eq!(plumbing::paging::decode(&token, &listing), Ok(Some(after)));
             }
         }
     }

@@ -194,6 +194,3 @@ pub fn reason(value: &str) -> Result<(), FieldError> {
     }
     Ok(())
 }
-
-
-

@@ -284,4 +284,3 @@ fn decode(path: &[u8], value: &[u8]) -> Result<StoredKey, EtcdError> {
         reason: err.to_string(),
     })
 }
-
