@@ -28,15 +28,12 @@ impl LimiterApi {
     }
 }
 
-/// Metadata on a reply that another replica produced: the caller's shard map is stale.
-pub const FORWARDED: &str = "x-switchboard-forwarded";
-
+/// The answer; marked [`plumbing::client::FORWARDED`] when another replica produced it
+/// (the caller's shard map is stale).
 fn respond<T>(answer: T, forwarded: bool) -> Response<T> {
     let mut response = Response::new(answer);
     if forwarded {
-        response
-            .metadata_mut()
-            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        plumbing::client::mark_forwarded(response.metadata_mut());
     }
     response
 }

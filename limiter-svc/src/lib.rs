@@ -332,18 +332,8 @@ pub async fn run_with(
         stats: stats::EngineStats::register(&replica.metrics),
         escrow_min_limit: limiter.escrow_min_limit,
     });
-    let credentials = args
-        .common
-        .platform_secret
-        .as_ref()
-        .filter(|s| !s.is_empty())
-        .map(|secret| {
-            CallCredentials::platform(
-                &args.common.platform_key_id,
-                secret.as_bytes(),
-                &[Scope::LimiterAcquire, Scope::LimiterAdmin],
-            )
-        });
+    let credentials =
+        CallCredentials::from_common(&args.common, &[Scope::LimiterAcquire, Scope::LimiterAdmin]);
     let dispatcher = routing::Dispatcher::new(
         replica.replica_id.clone(),
         engine.clone(),

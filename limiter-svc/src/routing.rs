@@ -8,13 +8,12 @@
 //! has no owner (its owner crashed and its lease has not yet expired, or a claim is in
 //! progress) operations wait for the view to change, up to a routing deadline.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use etcd_client::PutOptions;
-use plumbing::client::{CallCredentials, ClientTls};
+use plumbing::client::{CallCredentials, ChannelPool, ClientTls};
 use plumbing::etcd::{EtcdError, EtcdSession, Mirror, MirrorUpdate};
 use proto::limiter::v1::limiter_peer_service_client::LimiterPeerServiceClient;
 use tokio::sync::watch;
@@ -245,8 +244,7 @@ pub struct Dispatcher {
     engine: EngineHandle,
     view: watch::Receiver<View>,
     credentials: Option<CallCredentials>,
-    tls: ClientTls,
-    peers: Arc<Mutex<HashMap<String, PeerClient>>>,
+    peers: ChannelPool,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -277,8 +275,7 @@ impl Dispatcher {
             engine,
             view,
             credentials,
-            tls,
-            peers: Arc::default(),
+            peers: ChannelPool::new(tls),
         }
     }
 
@@ -301,15 +298,14 @@ impl Dispatcher {
     /// A relay client to `address`.
     pub fn peer(&self, address: &str) -> Result<PeerClient, Error> {
         let credentials = self.credentials.clone().ok_or(Error::NoPeerCredentials)?;
-        let mut peers = self.peers.lock().map_err(|_| Error::NoPeerCredentials)?;
-        if let Some(client) = peers.get(address) {
-            return Ok(client.clone());
-        }
-        let channel = plumbing::client::channel_with(address, &self.tls)
+        let channel = self
+            .peers
+            .get(address)
             .map_err(|e| Error::Peer(tonic::Status::unavailable(e.to_string())))?;
-        let client = LimiterPeerServiceClient::with_interceptor(channel, credentials);
-        peers.insert(address.to_owned(), client.clone());
-        Ok(client)
+        Ok(LimiterPeerServiceClient::with_interceptor(
+            channel,
+            credentials,
+        ))
     }
 
     fn target(&self, shard: u16) -> Option<Result<Target, Error>> {

@@ -2,7 +2,8 @@
 //! [`ClientTls`]) and call credentials that sign a short-lived platform token and carry the
 //! current trace context.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tonic::service::Interceptor;
@@ -42,6 +43,63 @@ pub fn channel_with(address: &str, tls: &ClientTls) -> Result<Channel, tonic::tr
         endpoint = endpoint.tls_config(config.clone())?;
     }
     Ok(endpoint.connect_lazy())
+}
+
+/// Lazily connected channels by peer address, shared by clones: one channel per peer
+/// replica for the life of the process (a channel reconnects by itself).
+#[derive(Debug, Clone)]
+pub struct ChannelPool {
+    tls: ClientTls,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl ChannelPool {
+    /// An empty pool whose channels are made over `tls`.
+    pub fn new(tls: ClientTls) -> Self {
+        Self {
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The channel to `address`, made on first use ([`channel_with`]).
+    pub fn get(&self, address: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = channel_with(address, &self.tls)?;
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Drops the channels of the addresses `keep` says no (peers that left).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|address, _| keep(address));
+    }
+
+    /// The TLS the pool's channels use.
+    pub fn tls(&self) -> &ClientTls {
+        &self.tls
+    }
+}
+
+/// Metadata of a call one replica forwarded to another (the owner of a shard, a
+/// communication or a session), so that it is never forwarded again; on a reply, it says
+/// another replica produced it (the caller's routing is stale).
+pub const FORWARDED: &str = "x-switchboard-forwarded";
+
+/// Marks `metadata` as [`FORWARDED`].
+pub fn mark_forwarded(metadata: &mut tonic::metadata::MetadataMap) {
+    metadata.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+}
+
+/// Whether `metadata` carries [`FORWARDED`].
+pub fn is_forwarded(metadata: &tonic::metadata::MetadataMap) -> bool {
+    metadata.contains_key(FORWARDED)
 }
 
 /// An `authorization` metadata value.
@@ -94,6 +152,21 @@ impl CallCredentials {
                 cached: Arc::default(),
             },
         }
+    }
+
+    /// Platform credentials with `scopes` from the replica's `--platform-key-id` and
+    /// `--platform-secret`; `None` without a secret (calls to peers then fail, each
+    /// service says how).
+    pub fn from_common(common: &crate::config::CommonArgs, scopes: &[Scope]) -> Option<Self> {
+        let secret = common
+            .platform_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())?;
+        Some(Self::platform(
+            &common.platform_key_id,
+            secret.as_bytes(),
+            scopes,
+        ))
     }
 
     /// Credentials sending `token` (a JWT minted by `presence-svc token` or `KeyService`) as

@@ -296,17 +296,7 @@ fn assemble(
         replica.shutdown.clone(),
         presence.max_watches_per_account as usize,
     );
-    let credentials = common
-        .platform_secret
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .map(|secret| {
-            CallCredentials::platform(
-                &common.platform_key_id,
-                secret.as_bytes(),
-                &[Scope::RouterRoute],
-            )
-        });
+    let credentials = CallCredentials::from_common(common, &[Scope::RouterRoute]);
     let relay = relay::Relay::new(
         table,
         cache,

@@ -3,14 +3,13 @@
 //! once — on the replica named in the device record. The sequence is documented on the
 //! service in `internal.proto` and in the crate docs.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
 use plumbing::auth::{Caller, Scope};
-use plumbing::client::{CallCredentials, ClientTls};
+use plumbing::client::{CallCredentials, ChannelPool, ClientTls};
 use plumbing::validate::FieldError;
 use proto::presence::v1 as pb;
 use proto::presence::v1::offer_request::Kind as In;
@@ -55,8 +54,7 @@ struct Inner {
     cache: PresenceCache,
     address: String,
     credentials: Option<CallCredentials>,
-    tls: ClientTls,
-    peers: Mutex<HashMap<String, Channel>>,
+    peers: ChannelPool,
 }
 
 impl Relay {
@@ -75,8 +73,7 @@ impl Relay {
                 cache,
                 address,
                 credentials,
-                tls,
-                peers: Mutex::default(),
+                peers: ChannelPool::new(tls),
             }),
         }
     }
@@ -152,17 +149,7 @@ impl Relay {
     }
 
     fn channel(&self, address: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut peers = self
-            .inner
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(channel) = peers.get(address) {
-            return Ok(channel.clone());
-        }
-        let channel = plumbing::client::channel_with(address, &self.inner.tls)?;
-        peers.insert(address.to_owned(), channel.clone());
-        Ok(channel)
+        self.inner.peers.get(address)
     }
 }
 

@@ -41,7 +41,7 @@ fn authorise<T>(request: &Request<T>, scope: Scope, account_id: &str) -> Result<
 }
 
 fn forwarded<T>(request: &Request<T>) -> bool {
-    request.metadata().contains_key(crate::peers::FORWARDED)
+    plumbing::client::is_forwarded(request.metadata())
 }
 
 /// The stream of WatchCommunication.

@@ -1,18 +1,18 @@
 //! Calls about a communication that another router replica runs go to that replica (the
-//! owner named in the record), once: the forwarded call carries [`FORWARDED`] so that the
+//! owner named in the record), once: the forwarded call carries [`FORWARDED`](plumbing::client::FORWARDED) so that the
 //! owner never forwards it again.
 //!
 //! Hangup and the set-up of a watch are bounded by [`PEER_DEADLINE`]. A forwarded Route
 //! is not: like Route itself it lasts until the communication is connected or over (its
 //! Dial timeouts bound it), and the channel's HTTP/2 keep-alive notices an owner that dies.
 
+use plumbing::client::mark_forwarded;
 use proto::router::v1 as pb;
 use tonic::Request;
-use tonic::metadata::MetadataValue;
 
 use crate::api::WatchStream;
 use crate::error::Error;
-use crate::peers::{FORWARDED, Peers};
+use crate::peers::Peers;
 
 /// How long the owner may take to answer a Hangup or to start a watch.
 const PEER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -23,9 +23,7 @@ fn too_slow(owner: &str) -> Error {
 
 fn marked<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert(FORWARDED, MetadataValue::from_static("1"));
+    mark_forwarded(request.metadata_mut());
     request
 }
 

@@ -4,11 +4,8 @@
 //! reach the owner of a communication) — with platform tokens minted here and the trace
 //! context carried by [`CallCredentials`].
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-
 use plumbing::auth::Scope;
-use plumbing::client::{CallCredentials, ClientTls};
+use plumbing::client::{CallCredentials, ChannelPool, ClientTls};
 use plumbing::config::CommonArgs;
 use plumbing::limiter::{LimiterClient, LimiterClientError};
 use proto::presence::v1::presence_service_client::PresenceServiceClient;
@@ -19,10 +16,6 @@ use tonic::transport::Channel;
 
 /// A channel with call credentials.
 pub type Authed = InterceptedService<Channel, CallCredentials>;
-
-/// Metadata on a call one router replica forwards to the owner of a communication, so the
-/// owner never forwards it again.
-pub const FORWARDED: &str = "x-switchboard-forwarded";
 
 /// Why a peer cannot be called.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,8 +40,7 @@ pub struct Peers {
     /// Built once at startup; `Err` without credentials (said on every call).
     limiter: Option<Result<LimiterClient, PeerError>>,
     presence: String,
-    tls: ClientTls,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: ChannelPool,
 }
 
 impl Peers {
@@ -61,21 +53,14 @@ impl Peers {
         limiter: Option<String>,
         tls: ClientTls,
     ) -> Result<Self, LimiterClientError> {
-        let credentials = common
-            .platform_secret
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .map(|secret| {
-                CallCredentials::platform(
-                    &common.platform_key_id,
-                    secret.as_bytes(),
-                    &[
-                        Scope::LimiterAcquire,
-                        Scope::PresenceRead,
-                        Scope::RouterRoute,
-                    ],
-                )
-            });
+        let credentials = CallCredentials::from_common(
+            common,
+            &[
+                Scope::LimiterAcquire,
+                Scope::PresenceRead,
+                Scope::RouterRoute,
+            ],
+        );
         let limiter = match (limiter.filter(|l| !l.trim().is_empty()), &credentials) {
             (None, _) => None,
             (Some(_), None) => Some(Err(PeerError::NoCredentials)),
@@ -89,30 +74,16 @@ impl Peers {
             credentials,
             limiter,
             presence,
-            tls,
-            channels: Arc::default(),
+            channels: ChannelPool::new(tls),
         })
     }
 
     fn authed(&self, address: &str) -> Result<Authed, PeerError> {
         let credentials = self.credentials.clone().ok_or(PeerError::NoCredentials)?;
-        let channel = {
-            let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-            match channels.get(address) {
-                Some(channel) => channel.clone(),
-                None => {
-                    let channel =
-                        plumbing::client::channel_with(address, &self.tls).map_err(|e| {
-                            PeerError::Address {
-                                address: address.to_owned(),
-                                reason: e.to_string(),
-                            }
-                        })?;
-                    channels.insert(address.to_owned(), channel.clone());
-                    channel
-                }
-            }
-        };
+        let channel = self.channels.get(address).map_err(|e| PeerError::Address {
+            address: address.to_owned(),
+            reason: e.to_string(),
+        })?;
         Ok(InterceptedService::new(channel, credentials))
     }
 

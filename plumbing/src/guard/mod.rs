@@ -217,9 +217,8 @@ impl GuardLayer {
         common: &crate::config::CommonArgs,
         tls: &ClientTls,
     ) -> Result<Option<Self>, LimiterClientError> {
-        let (Some(address), Some(secret)) =
-            (args.limiter.as_deref(), common.platform_secret.as_deref())
-        else {
+        let credentials = CallCredentials::from_common(common, &[Scope::LimiterAcquire]);
+        let (Some(address), Some(credentials)) = (args.limiter.as_deref(), credentials) else {
             if args.limiter.is_some() {
                 tracing::warn!(
                     "the API guard needs --platform-secret to call the limiter; the API is unguarded"
@@ -227,11 +226,6 @@ impl GuardLayer {
             }
             return Ok(None);
         };
-        let credentials = CallCredentials::platform(
-            &common.platform_key_id,
-            secret.as_bytes(),
-            &[Scope::LimiterAcquire],
-        );
         Self::new(address, tls, credentials, args.fail_mode()).map(Some)
     }
 

@@ -21,7 +21,6 @@ mod shard;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
@@ -36,10 +35,10 @@ use tonic::{Code, Status};
 
 use self::shard::{DownOwners, route};
 pub use self::shard::{ShardMap, key_hash, slot_shard};
-use crate::client::{CallCredentials, ClientTls};
+use crate::client::{CallCredentials, ChannelPool, ClientTls};
 
 /// Metadata on an answer a replica forwarded to the shard's owner: the map is stale.
-pub const FORWARDED: &str = "x-switchboard-forwarded";
+pub use crate::client::FORWARDED;
 /// Metadata on an UNAVAILABLE answer whose operation may or may not have applied.
 pub const OUTCOME_UNKNOWN: &str = "switchboard-outcome-unknown";
 /// How often the shard map is fetched again when nothing says it is stale.
@@ -83,12 +82,11 @@ struct Shared {
     seeds: Vec<Channel>,
     /// The seed the next seed call starts with (round robin).
     next_seed: AtomicUsize,
-    tls: ClientTls,
     credentials: CallCredentials,
     /// The current map, `None` until one is fetched (or when the limiter has none).
     map: RwLock<Option<Arc<ShardMap>>>,
     /// One lazily connected channel per owner address.
-    owners: Mutex<HashMap<Arc<str>, Channel>>,
+    owners: ChannelPool,
     down: Mutex<DownOwners>,
     /// Wakes the refresh task early.
     stale: Arc<Notify>,
@@ -164,10 +162,9 @@ impl LimiterClient {
             shared: Arc::new(Shared {
                 seeds,
                 next_seed: AtomicUsize::new(0),
-                tls: tls.clone(),
                 credentials,
                 map: RwLock::default(),
-                owners: Mutex::default(),
+                owners: ChannelPool::new(tls.clone()),
                 down: Mutex::default(),
                 stale: Arc::default(),
                 refresher: OnceLock::new(),
@@ -284,7 +281,7 @@ impl LimiterClient {
         {
             match rpc(client, request.clone()).await {
                 Ok(answer) => {
-                    if answer.metadata().contains_key(FORWARDED) {
+                    if crate::client::is_forwarded(answer.metadata()) {
                         self.shared.stale.notify_one();
                     }
                     return Ok(answer.into_inner());
@@ -340,23 +337,12 @@ impl LimiterClient {
     /// The client of `owner`'s cached channel (made on first use); `None` if its address
     /// is unusable.
     fn owner_client(&self, owner: &Arc<str>) -> Option<RawLimiter> {
-        let mut owners = self
-            .shared
-            .owners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let channel = match owners.get(owner) {
-            Some(channel) => channel.clone(),
-            None => match crate::client::channel_with(owner, &self.shared.tls) {
-                Ok(channel) => {
-                    owners.insert(Arc::clone(owner), channel.clone());
-                    channel
-                }
-                Err(err) => {
-                    tracing::debug!(%owner, %err, "limiter client: unusable owner address; calling a seed");
-                    return None;
-                }
-            },
+        let channel = match self.shared.owners.get(owner) {
+            Ok(channel) => channel,
+            Err(err) => {
+                tracing::debug!(%owner, %err, "limiter client: unusable owner address; calling a seed");
+                return None;
+            }
         };
         Some(LimiterServiceClient::with_interceptor(
             channel,
