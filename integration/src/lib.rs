@@ -385,14 +385,7 @@ pub fn common_args(etcd: &Etcd, prefix: &str) -> CommonArgs {
 /// The shared flags for a test server against these etcd endpoints under `prefix`.
 pub fn common_args_for(etcd_endpoints: Vec<String>, prefix: &str) -> CommonArgs {
     CommonArgs {
-        etcd_endpoints,
-        etcd_prefix: prefix.to_owned(),
-        etcd_ca: None,
-        etcd_cert: None,
-        etcd_key: None,
-        etcd_user: None,
-        etcd_password_file: None,
-        etcd_password: None,
+        etcd: plumbing::etcd::EtcdArgs::plain(etcd_endpoints, prefix),
         platform_key_id: PLATFORM_KEY_ID.to_owned(),
         platform_secret: Some(plumbing::config::Secret::new(PLATFORM_SECRET)),
         platform_accept_key_id: None,

@@ -215,12 +215,12 @@ impl ServiceProcess {
 pub fn secure_common_args(etcd: &Etcd, prefix: &str, login: Option<&EtcdLogin>) -> CommonArgs {
     let security = etcd.secured();
     let mut args = common_args(etcd, prefix);
-    args.etcd_ca = Some(security.ca.ca_pem().to_owned());
-    args.etcd_cert = Some(security.client.cert.clone());
-    args.etcd_key = Some(security.client.key.clone());
+    args.etcd.ca = Some(security.ca.ca_pem().to_owned());
+    args.etcd.cert = Some(security.client.cert.clone());
+    args.etcd.key = Some(security.client.key.clone());
     if let Some(login) = login {
-        args.etcd_user = Some(login.user.clone());
-        args.etcd_password = Some(EtcdPassword::new(login.password.clone()));
+        args.etcd.user = Some(login.user.clone());
+        args.etcd.password = Some(EtcdPassword::new(login.password.clone()));
     }
     args
 }

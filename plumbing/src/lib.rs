@@ -1,6 +1,7 @@
 //! Plumbing every Switchboard service stands on, written once:
 //!
-//! - [`config`]: the shared flags and their `SWITCHBOARD_*` environment fallbacks;
+//! - [`config`]: the shared flags and their `SWITCHBOARD_*` environment fallbacks, composed
+//!   of the groups that own them (etcd, TLS, limits) over the value types of [`flags`];
 //! - [`telemetry`]: logs, OTLP traces and W3C trace-context propagation over gRPC;
 //! - [`etcd`]: the etcd session, a lease keeper and a watch that survives etcd restarts;
 //! - [`auth`]: HS256 tokens, account keys mirrored from etcd, the auth layer and [`auth::Caller`];
@@ -25,6 +26,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod etcd;
+pub mod flags;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;

@@ -36,7 +36,7 @@ use futures::future::BoxFuture;
 use http_body::{Body, Frame};
 use tower::{Layer, Service};
 
-use crate::config::parse_duration;
+use crate::flags::parse_duration;
 use crate::refusal::DrainOnDrop;
 
 /// Default of `--max-concurrent-streams`: far above what one client application needs, and

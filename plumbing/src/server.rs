@@ -86,7 +86,7 @@ impl Replica {
         // TLS files first: a bad one should stop the start before anything touches etcd.
         let tls = ServerTls::from_args(&common.tls)?;
         let client_tls = ClientTls::from_server_args(&common.tls)?;
-        let etcd = EtcdOptions::from_args(common).map_err(ConnectError::from)?;
+        let etcd = EtcdOptions::from_args(&common.etcd).map_err(ConnectError::from)?;
         let session = EtcdSession::connect(&etcd).await?;
         let lease = Lease::grant(&session, common.replica_ttl).await?;
         let keys = KeyStore::start(&session);

@@ -65,7 +65,7 @@ pub struct TlsArgs {
 
     /// How often the certificate files are checked for changes (`0s`: never; they are then
     /// reloaded on SIGHUP only).
-    #[arg(long, env = "SWITCHBOARD_TLS_RELOAD_INTERVAL", value_parser = crate::config::parse_duration, default_value = "1s")]
+    #[arg(long, env = "SWITCHBOARD_TLS_RELOAD_INTERVAL", value_parser = crate::flags::parse_duration, default_value = "1s")]
     pub tls_reload_interval: std::time::Duration,
 }
 

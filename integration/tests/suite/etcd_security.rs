@@ -252,8 +252,8 @@ async fn a_wrong_password_stops_start_up_without_revealing_it() {
     let (etcd, prefix, _) = locked_down_etcd(None).await;
     let wrong = "wrong-password-4f1e9c";
     let mut common = secure_common_args(&etcd, &prefix, None);
-    common.etcd_user = Some(USER.into());
-    common.etcd_password = Some(plumbing::etcd::EtcdPassword::new(wrong));
+    common.etcd.user = Some(USER.into());
+    common.etcd.password = Some(plumbing::etcd::EtcdPassword::new(wrong));
     let error = start_failure(common).await;
     assert!(
         error.contains("refused the login of user `switchboard`"),
@@ -284,16 +284,16 @@ async fn a_tls_etcd_without_the_ca_is_refused_clearly() {
     let (etcd, prefix, login) = locked_down_etcd(None).await;
     // https without --etcd-ca: refused before connecting.
     let mut common = secure_common_args(&etcd, &prefix, Some(&login));
-    common.etcd_ca = None;
-    common.etcd_cert = None;
-    common.etcd_key = None;
+    common.etcd.ca = None;
+    common.etcd.cert = None;
+    common.etcd.key = None;
     let error = start_failure(common.clone()).await;
     assert!(
         error.contains("--etcd") && error.contains("--etcd-ca"),
         "{error}"
     );
     // Plain http against the TLS port: no answer, and the error says where to look.
-    common.etcd_endpoints = vec![etcd.endpoint.replace("https://", "http://")];
+    common.etcd.endpoints = vec![etcd.endpoint.replace("https://", "http://")];
     let started = std::time::Instant::now();
     let error = start_failure(common).await;
     assert!(error.contains("unreachable (--etcd, --etcd-ca)"), "{error}");
@@ -305,7 +305,7 @@ async fn a_tls_etcd_without_the_ca_is_refused_clearly() {
     // A CA that did not sign etcd's certificate: the TLS handshake fails, and says why.
     let other = integration::certs::TestCa::new("someone-else");
     let mut common = secure_common_args(&etcd, &prefix, Some(&login));
-    common.etcd_ca = Some(other.ca_pem().to_owned());
+    common.etcd.ca = Some(other.ca_pem().to_owned());
     let error = start_failure(common).await;
     assert!(
         error.contains("unreachable") && error.contains("certificate"),
@@ -324,7 +324,7 @@ async fn a_user_without_permission_on_the_prefix_or_without_a_login_is_refused()
     );
     assert!(!error.contains(&elsewhere.password), "{error}");
 
-    let options = EtcdOptions::from_args(&secure_common_args(&etcd, &prefix, None)).unwrap();
+    let options = EtcdOptions::from_args(&secure_common_args(&etcd, &prefix, None).etcd).unwrap();
     let anonymous = EtcdSession::connect(&options).await.unwrap_err();
     assert!(
         matches!(anonymous, ConnectError::LoginRequired { .. }),
@@ -368,11 +368,11 @@ async fn probe(etcd: &Etcd, prefix: &str, login: &EtcdLogin) -> etcd_client::Cli
     let args = secure_common_args(etcd, prefix, Some(login));
     let tls = etcd_client::TlsOptions::new()
         .ca_certificate(etcd_client::Certificate::from_pem(read(
-            args.etcd_ca.as_deref().unwrap(),
+            args.etcd.ca.as_deref().unwrap(),
         )))
         .identity(etcd_client::Identity::from_pem(
-            read(args.etcd_cert.as_deref().unwrap()),
-            read(args.etcd_key.as_deref().unwrap()),
+            read(args.etcd.cert.as_deref().unwrap()),
+            read(args.etcd.key.as_deref().unwrap()),
         ));
     let options = etcd_client::ConnectOptions::new()
         .with_tls(tls)
@@ -400,7 +400,7 @@ async fn a_session_keeps_its_lease_watches_and_writes_when_its_auth_token_expire
     const TTL: u32 = 2;
     let (etcd, prefix, login) = locked_down_etcd(Some(TTL)).await;
     let options =
-        EtcdOptions::from_args(&secure_common_args(&etcd, &prefix, Some(&login))).unwrap();
+        EtcdOptions::from_args(&secure_common_args(&etcd, &prefix, Some(&login)).etcd).unwrap();
     let session = EtcdSession::connect(&options).await.unwrap();
     let lease = Lease::grant(&session, 2).await.unwrap();
     let watch = |key: &str| WatchSpec {

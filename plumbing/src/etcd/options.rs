@@ -10,7 +10,7 @@ use std::path::Path;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
-use crate::config::CommonArgs;
+use clap::Args;
 
 /// The environment variable the etcd password is read from.
 pub const PASSWORD_ENV: &str = "SWITCHBOARD_ETCD_PASSWORD";
@@ -34,9 +34,80 @@ impl EtcdConfigError {
     }
 }
 
-/// An etcd password: a [`Secret`](crate::config::Secret), so its `Debug` prints
+/// An etcd password: a [`Secret`](crate::flags::Secret), so its `Debug` prints
 /// `<redacted>` and it has no `Display`.
-pub type EtcdPassword = crate::config::Secret;
+pub type EtcdPassword = crate::flags::Secret;
+
+/// The etcd flags of every server (part of [`crate::config::CommonArgs`]).
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. `http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    #[arg(
+        long = "etcd",
+        env = "SWITCHBOARD_ETCD",
+        value_name = "ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub endpoints: Vec<String>,
+
+    /// Key prefix under which all of this deployment's state lives in etcd.
+    #[arg(
+        long = "etcd-prefix",
+        env = "SWITCHBOARD_ETCD_PREFIX",
+        value_name = "ETCD_PREFIX",
+        default_value = "/switchboard"
+    )]
+    pub prefix: String,
+
+    /// CA certificate (PEM) that signed etcd's server certificate. Turns TLS on: endpoints
+    /// without a scheme become `https://`, `http://` ones are refused.
+    #[arg(long = "etcd-ca", env = "SWITCHBOARD_ETCD_CA", value_name = "PEM")]
+    pub ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) presented to an etcd running with `--client-cert-auth`;
+    /// needs `--etcd-key` and `--etcd-ca`.
+    #[arg(long = "etcd-cert", env = "SWITCHBOARD_ETCD_CERT", value_name = "PEM")]
+    pub cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of `--etcd-cert`.
+    #[arg(long = "etcd-key", env = "SWITCHBOARD_ETCD_KEY", value_name = "PEM")]
+    pub key: Option<std::path::PathBuf>,
+
+    /// etcd user name, for an etcd with authentication enabled. Its password comes from
+    /// the SWITCHBOARD_ETCD_PASSWORD environment variable or `--etcd-password-file`; there
+    /// is deliberately no flag for it (flags show in `ps`).
+    #[arg(long = "etcd-user", env = "SWITCHBOARD_ETCD_USER", value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// File holding the password of `--etcd-user` (a trailing newline is ignored).
+    #[arg(
+        long = "etcd-password-file",
+        env = "SWITCHBOARD_ETCD_PASSWORD_FILE",
+        value_name = "PATH"
+    )]
+    pub password_file: Option<std::path::PathBuf>,
+
+    /// The password of `--etcd-user` from SWITCHBOARD_ETCD_PASSWORD (never a flag).
+    #[arg(skip = password_from_env())]
+    pub password: Option<EtcdPassword>,
+}
+
+impl EtcdArgs {
+    /// Plain-text, unauthenticated access to `endpoints` under `prefix` (tests, tools).
+    pub fn plain(endpoints: Vec<String>, prefix: &str) -> Self {
+        Self {
+            endpoints,
+            prefix: prefix.to_owned(),
+            ca: None,
+            cert: None,
+            key: None,
+            user: None,
+            password_file: None,
+            password: None,
+        }
+    }
+}
 
 /// The password from [`PASSWORD_ENV`], if set and not empty.
 pub fn password_from_env() -> Option<EtcdPassword> {
@@ -141,8 +212,8 @@ impl EtcdOptions {
     }
 
     /// The options the shared flags ask for; half-configured combinations are errors.
-    pub fn from_args(args: &CommonArgs) -> Result<Self, EtcdConfigError> {
-        let tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+    pub fn from_args(args: &EtcdArgs) -> Result<Self, EtcdConfigError> {
+        let tls = match (&args.ca, &args.cert, &args.key) {
             (None, None, None) => None,
             (None, _, _) => {
                 return Err(EtcdConfigError::new(
@@ -168,13 +239,13 @@ impl EtcdOptions {
             )?),
         };
         let endpoints = args
-            .etcd_endpoints
+            .endpoints
             .iter()
             .map(|endpoint| endpoint_url(endpoint, tls.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             endpoints,
-            prefix: args.etcd_prefix.clone(),
+            prefix: args.prefix.clone(),
             tls,
             credentials: credentials(args)?,
         })
@@ -196,8 +267,8 @@ impl EtcdOptions {
     }
 }
 
-fn credentials(args: &CommonArgs) -> Result<Option<EtcdCredentials>, EtcdConfigError> {
-    let password = match (&args.etcd_password, &args.etcd_password_file) {
+fn credentials(args: &EtcdArgs) -> Result<Option<EtcdCredentials>, EtcdConfigError> {
+    let password = match (&args.password, &args.password_file) {
         (Some(_), Some(_)) => {
             return Err(EtcdConfigError::new(
                 "--etcd-password-file",
@@ -208,10 +279,7 @@ fn credentials(args: &CommonArgs) -> Result<Option<EtcdCredentials>, EtcdConfigE
         (None, Some(path)) => Some(password_from_file(path)?),
         (None, None) => None,
     };
-    match (
-        args.etcd_user.as_deref().filter(|u| !u.is_empty()),
-        password,
-    ) {
+    match (args.user.as_deref().filter(|u| !u.is_empty()), password) {
         (Some(user), Some(password)) => Ok(Some(EtcdCredentials {
             user: user.to_owned(),
             password,
@@ -279,16 +347,16 @@ mod tests {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        common: CommonArgs,
+        etcd: EtcdArgs,
     }
 
-    fn args(flags: &[&str]) -> CommonArgs {
+    fn args(flags: &[&str]) -> EtcdArgs {
         Cli::try_parse_from(std::iter::once("test").chain(flags.iter().copied()))
             .unwrap()
-            .common
+            .etcd
     }
 
-    fn refusal(args: &CommonArgs) -> EtcdConfigError {
+    fn refusal(args: &EtcdArgs) -> EtcdConfigError {
         EtcdOptions::from_args(args).unwrap_err()
     }
 
@@ -324,7 +392,7 @@ mod tests {
     fn a_user_needs_exactly_one_password_source() {
         assert_eq!(refusal(&args(&["--etcd-user", "sb"])).flag, "--etcd-user");
         let mut with_env = args(&["--etcd-password-file", "/p"]);
-        with_env.etcd_password = Some(EtcdPassword::new("from-env"));
+        with_env.password = Some(EtcdPassword::new("from-env"));
         assert_eq!(refusal(&with_env).flag, "--etcd-password-file");
         let missing = refusal(&args(&[
             "--etcd-user",
@@ -334,7 +402,7 @@ mod tests {
         ]));
         assert_eq!(missing.flag, "--etcd-password-file");
         let mut env_only = args(&[]);
-        env_only.etcd_password = Some(EtcdPassword::new("from-env"));
+        env_only.password = Some(EtcdPassword::new("from-env"));
         assert_eq!(refusal(&env_only).flag, "--etcd-user");
     }
 
