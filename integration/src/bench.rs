@@ -16,7 +16,8 @@
 //! and message), not as a sample, and its caller pauses briefly before looping.
 //!
 //! Scenarios are functions registered in [`SCENARIOS`]; `all` runs every one in turn.
-//! After the table come the headline figures, one `ratio NAME VALUE` line each.
+//! After the table come the headline figures, one `ratio NAME VALUE` line each; the
+//! binary then draws the run's charts ([`write_charts`]: SVG files, one per figure).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 mod baseline;
+mod chart;
 mod limiter;
 mod load;
 mod presence;
@@ -33,6 +35,7 @@ mod router;
 mod stack;
 mod sys;
 
+pub use chart::write_charts;
 pub use report::Report;
 
 /// Any failure of the benchmark; it aborts the run with this message.
@@ -147,6 +150,7 @@ pub async fn run(scenarios: &[Scenario], options: &Options, command: &str) -> Re
     let mut report = Report::start(options, command);
     for scenario in scenarios {
         progress(format_args!("scenario {}", scenario.name));
+        report.begin_scenario(scenario.name);
         (scenario.run)(options, &mut report).await?;
     }
     report.finish();

@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 
 use super::baseline::{self, Auth, status_text};
 use super::load::{self, Plan, Sample, Worker, percentile};
-use super::report::{Goal, Row, millis, thousands};
+use super::report::{Curve, Goal, Row, millis, thousands};
 use super::stack::{Stack, WindowFacts};
 use super::{OP_TIMEOUT, Options, Report, Result, progress, sys};
 
@@ -59,6 +59,9 @@ const STREAMS_PER_CONNECTION: usize = 200;
 const OPEN_IN_FLIGHT: usize = 512;
 /// Pause between the last `registered` and the memory reading (allocations settle).
 const SETTLE: Duration = Duration::from_secs(1);
+/// While opening, the replica's RSS is read every this many sessions (the points of the
+/// `presence_rss` chart; a read of `/proc/<pid>/status` each, ten in all).
+const RSS_SAMPLE_EVERY: usize = 5_000;
 /// Bound on setup steps (registrations visible, the watch live).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -801,6 +804,7 @@ async fn connect_sessions(
     let mut held = Vec::with_capacity(SESSIONS);
     let mut latencies = Vec::with_capacity(SESSIONS);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut rss_points = vec![(0.0, mib(idle_kib))];
     bounded(
         SESSIONS,
         OPEN_IN_FLIGHT,
@@ -821,6 +825,11 @@ async fn connect_sessions(
             Ok(session) => {
                 held.push(session);
                 latencies.push(latency.as_nanos() as u64);
+                if held.len().is_multiple_of(RSS_SAMPLE_EVERY)
+                    && let Some((rss_kib, _)) = sys::memory_kib(pid)
+                {
+                    rss_points.push((held.len() as f64, mib(rss_kib)));
+                }
                 if held.len().is_multiple_of(10_000) {
                     progress(format_args!("{} sessions open", held.len()));
                 }
@@ -886,5 +895,21 @@ async fn connect_sessions(
         ),
     });
     report.ratio("session_rss_mib_per_50k", scaled_mib, Goal::AtMost(1024.0));
+    // The reading after SETTLE replaces the one taken as the last session opened.
+    rss_points.retain(|(open, _)| *open < sessions as f64);
+    rss_points.push((sessions as f64, mib(rss_kib)));
+    report.curve(Curve {
+        name: "presence_rss".to_owned(),
+        title: "presence-svc resident memory against open Connect sessions".to_owned(),
+        about: format!(
+            "connect_sessions: RSS read every {} sessions while opening {OPEN_IN_FLIGHT} at \
+             a time, the last {SETTLE:?} after all were open; session_rss_mib_per_50k \
+             {scaled_mib:.2} (goal <= 1024)",
+            thousands(RSS_SAMPLE_EVERY as f64)
+        ),
+        x_label: "open Connect sessions".to_owned(),
+        y_label: "presence-svc RSS (MiB)".to_owned(),
+        points: rss_points,
+    });
     Ok((held, facts))
 }

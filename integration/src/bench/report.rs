@@ -1,6 +1,9 @@
-//! The printed report: header, one markdown row per measurement, then `ratio` lines.
+//! The printed report: header, one markdown row per measurement, then `ratio` lines. It also
+//! keeps what the charts ([`super::chart`]) need: which scenario added which rows, and
+//! curves measured along the way.
 
 use std::io::Write as _;
+use std::ops::Range;
 use std::time::Duration;
 
 use super::stack::WindowFacts;
@@ -40,7 +43,7 @@ impl Goal {
         }
     }
 
-    fn text(self) -> String {
+    pub(super) fn text(self) -> String {
         match self {
             Goal::AtLeast(goal) => format!(">= {goal}"),
             Goal::AtMost(goal) => format!("<= {goal}"),
@@ -66,6 +69,23 @@ pub struct Row {
     pub notes: String,
 }
 
+/// Measured points of one quantity against another, not printed: a chart draws them.
+#[derive(Debug, Clone)]
+pub struct Curve {
+    /// The chart's file name without `.svg`: `presence_rss`.
+    pub name: String,
+    /// The chart's title.
+    pub title: String,
+    /// How the points were taken (the chart's subtitle).
+    pub about: String,
+    /// The horizontal axis: `open Connect sessions`.
+    pub x_label: String,
+    /// The vertical axis: `presence-svc RSS (MiB)`.
+    pub y_label: String,
+    /// `(x, y)`, in the order measured.
+    pub points: Vec<(f64, f64)>,
+}
+
 /// The report of a run; rows print as they are added.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -75,6 +95,10 @@ pub struct Report {
     pub ratios: Vec<Ratio>,
     /// Lines printed after the ratios (service log summaries, remarks).
     pub remarks: Vec<String>,
+    /// The scenarios run so far, each with the index of its first row (for the charts).
+    pub scenarios: Vec<(&'static str, usize)>,
+    /// Curves measured so far (for the charts).
+    pub curves: Vec<Curve>,
 }
 
 impl Report {
@@ -109,6 +133,27 @@ impl Report {
             OP_TIMEOUT,
         ));
         Self::default()
+    }
+
+    /// Marks the start of `scenario`: the rows added from now on are its own.
+    pub fn begin_scenario(&mut self, scenario: &'static str) {
+        self.scenarios.push((scenario, self.rows.len()));
+    }
+
+    /// Each scenario run with the range of its rows in [`Report::rows`], in order.
+    pub fn scenario_rows(&self) -> Vec<(&'static str, Range<usize>)> {
+        let ends =
+            (self.scenarios.iter().skip(1).map(|(_, first)| *first)).chain([self.rows.len()]);
+        self.scenarios
+            .iter()
+            .zip(ends)
+            .map(|((name, first), end)| (*name, *first..end))
+            .collect()
+    }
+
+    /// Adds a curve (drawn by the charts, not printed).
+    pub fn curve(&mut self, curve: Curve) {
+        self.curves.push(curve);
     }
 
     /// Adds and prints a row.

@@ -1,5 +1,5 @@
-//! `bench <scenario> [--concurrency N] [--duration SECS] [--warmup SECS] [--tls-cert PEM
-//! --tls-key PEM --tls-ca PEM]`: the benchmark of
+//! `bench <scenario> [--concurrency N] [--duration SECS] [--warmup SECS] [--charts DIR]
+//! [--tls-cert PEM --tls-key PEM --tls-ca PEM]`: the benchmark of
 //! DESIGN.md §6 (see `integration::bench` and docs/BENCHMARKS.md). Run it through
 //! `scripts/bench`, which builds the release binaries it starts.
 #![forbid(unsafe_code)]
@@ -7,7 +7,7 @@
 #[global_allocator]
 static ALLOCATOR: plumbing::Allocator = plumbing::Allocator;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -33,6 +33,11 @@ struct Cli {
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
 
+    /// Folder the run's SVG charts are written to (default: `bench/` in the target
+    /// directory this binary was built in, `target/bench`).
+    #[arg(long, value_name = "DIR")]
+    charts: Option<PathBuf>,
+
     /// Run over TLS: every service started serves this certificate (PEM, valid for
     /// 127.0.0.1); needs `--tls-key` and `--tls-ca`. Plain text by default.
     #[arg(long, env = "SWITCHBOARD_TLS_CERT")]
@@ -54,6 +59,26 @@ fn after_help() -> String {
 
 fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value).map_err(|_| format!("{flag} {value}: not a duration"))
+}
+
+/// `target/bench` when this binary is `target/release/bench`.
+fn default_charts() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("bench")))
+        .unwrap_or_else(|| PathBuf::from("target/bench"))
+}
+
+/// Writes the run's charts into `dir` and lists them after the report.
+fn write_charts(report: &bench::Report, dir: &Path) -> Result<(), bench::Error> {
+    let paths = bench::write_charts(report, dir)?;
+    if !paths.is_empty() {
+        println!("\ncharts:");
+        for path in paths {
+            println!("- {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn options(cli: &Cli) -> Result<Options, String> {
@@ -86,7 +111,7 @@ fn main() -> ExitCode {
     let Some(scenarios) = bench::select(&cli.scenario) else {
         eprintln!(
             "bench: unknown scenario `{}`\n\nusage: bench <scenario> [--concurrency N] \
-             [--duration SECS] [--warmup SECS]\n\nScenarios:\n{}",
+             [--duration SECS] [--warmup SECS] [--charts DIR]\n\nScenarios:\n{}",
             cli.scenario,
             bench::scenario_list()
         );
@@ -99,6 +124,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let charts = cli.charts.clone().unwrap_or_else(default_charts);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,7 +140,9 @@ fn main() -> ExitCode {
     // temporary folders removed.
     let outcome = runtime.block_on(async {
         tokio::select! {
-            outcome = bench::run(&scenarios, &options, &command) => outcome.map(drop),
+            outcome = bench::run(&scenarios, &options, &command) => {
+                outcome.and_then(|report| write_charts(&report, &charts))
+            }
             () = plumbing::server::shutdown_signal() => Err("interrupted".into()),
         }
     });
