@@ -36,11 +36,15 @@ pub struct LiveComm {
     stored: AtomicU64,
     hangup: watch::Sender<Option<HangupSource>>,
     /// The replica lease its index entry (`router/owned/<lease>/…`) is under; 0 before the
-    /// record is created.
+    /// record is created, [`FINAL_WRITTEN`] once its final record is.
     index_lease: AtomicI64,
     /// The limiter slot it holds, once granted.
     slot: OnceLock<String>,
 }
+
+/// [`LiveComm::index_lease`] of a communication whose final record is written: its index
+/// entry is gone, and later writes (e.g. a status callback's timeline event) are its own.
+pub const FINAL_WRITTEN: i64 = -1;
 
 impl LiveComm {
     /// A live communication starting as `comm`.

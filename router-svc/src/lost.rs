@@ -58,7 +58,7 @@ pub fn start(
             // write: write them now.
             for comm in engine.live.all() {
                 let indexed = comm.index_lease();
-                if indexed != 0 && indexed != lease {
+                if indexed > 0 && indexed != lease {
                     engine.store.save(&comm);
                 }
             }

@@ -14,6 +14,7 @@
 //! final record is written under the retention lease.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use proto::router::v1 as pb;
 use proto::router::v1::TimelineEventKind as Kind;
@@ -28,6 +29,9 @@ use crate::model::{self, event, finish, outcome_word, state_word};
 use crate::slot::{self, Admission, Slot};
 use crate::url::WebhookUrl;
 use crate::xml::{self, RejectReason, Verb};
+
+/// How long a runner keeps trying to write its communication's final record.
+const FINAL_WRITE_FOR: Duration = Duration::from_secs(300);
 
 /// Most Redirects one communication may follow.
 pub const MAX_REDIRECTS: u32 = 10;
@@ -205,10 +209,32 @@ impl Runner {
         if let Some(slot) = slot {
             slot.release().await;
         }
-        if let Err(err) = self.engine.store.flush(&self.comm).await {
-            tracing::warn!(error = %err, "the final record of a communication was not written");
-        }
+        self.write_final().await;
         self.engine.live.remove(&self.comm);
+    }
+
+    /// Writes the final record, again and again while etcd refuses it (a leader change, a
+    /// member down), pausing 250 ms doubling to 5 s, for up to [`FINAL_WRITE_FOR`]: a final
+    /// record left unwritten would keep the communication running in etcd, indexed under a
+    /// lease that is still alive, so no other replica would settle it. After that the
+    /// record stays until this replica's lease ends and another settles it (router_lost).
+    async fn write_final(&self) {
+        let until = tokio::time::Instant::now() + FINAL_WRITE_FOR;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            match self.engine.store.flush(&self.comm).await {
+                Ok(()) => return,
+                Err(err) if tokio::time::Instant::now() + pause < until => {
+                    tracing::warn!(error = %err, retry_in = ?pause, "the final record of a communication was not written; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "the final record of a communication was not written; giving up (another replica settles it once this one's lease ends)");
+                    return;
+                }
+            }
+        }
     }
 
     /// Takes the communications slot; the ending when refused.

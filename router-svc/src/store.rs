@@ -39,7 +39,7 @@ use plumbing::metrics::TxnStats;
 use prost::Message;
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::live::{HangupSource, LiveComm};
+use crate::live::{FINAL_WRITTEN, HangupSource, LiveComm};
 use crate::model::{StoredRecord, finish_lost, is_ended};
 use crate::retention::Retention;
 
@@ -496,9 +496,7 @@ async fn commit(inner: &Inner, creations: Vec<Creation>, dirty: Vec<(String, Dir
             {
                 entry.comm.mark_stored(version);
                 if guard_held(&response) {
-                    if let Some(lease) = indexed {
-                        entry.comm.set_index_lease(lease);
-                    }
+                    entry.comm.set_index_lease(indexed.unwrap_or(FINAL_WRITTEN));
                 } else {
                     // Its index entry is gone: another replica settled it (router_lost)
                     // while this one's lease was lost. It is over; end it here too.
@@ -553,7 +551,17 @@ async fn dirty_ops(
             },
             slot_id: entry.comm.slot().to_owned(),
         };
-        let (put, index_ops, indexed) = if ended {
+        // The final record is ours once written; a later write needs only the record.
+        let guard = if indexed_under == FINAL_WRITTEN {
+            Compare::create_revision(key.as_str(), CompareOp::Greater, 0)
+        } else {
+            Compare::create_revision(index.as_str(), CompareOp::Greater, 0)
+        };
+        let (put, index_ops, indexed) = if ended && indexed_under == FINAL_WRITTEN {
+            let retained = PutOptions::new().with_lease(inner.retention.lease().await?);
+            let put = TxnOp::put(key.as_str(), record.encode_to_vec(), Some(retained));
+            (put, Vec::new(), None)
+        } else if ended {
             let retained = PutOptions::new().with_lease(inner.retention.lease().await?);
             let put = TxnOp::put(key.as_str(), record.encode_to_vec(), Some(retained));
             (put, vec![TxnOp::delete(index.as_str(), None)], None)
@@ -569,10 +577,9 @@ async fn dirty_ops(
             let put = TxnOp::put(key.as_str(), record.encode_to_vec(), None);
             (put, Vec::new(), Some(lease))
         };
-        let owned = Compare::create_revision(index.as_str(), CompareOp::Greater, 0);
         let mut then = vec![put];
         then.extend(index_ops);
-        ops.push(TxnOp::txn(Txn::new().when([owned]).and_then(then)));
+        ops.push(TxnOp::txn(Txn::new().when([guard]).and_then(then)));
         written.push((version, indexed));
     }
     Ok((ops, written))
