@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod certs;
 pub mod secure_etcd;
+pub mod soak;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -35,6 +35,7 @@ mod router_throughput;
 mod router_webhooks;
 mod secrets;
 mod shutdown;
+mod soak;
 mod softphone;
 mod support;
 mod tls;

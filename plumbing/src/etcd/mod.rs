@@ -198,10 +198,27 @@ impl From<etcd_client::Error> for EtcdError {
             return EtcdError::LeaseNotFound(err.to_string());
         }
         match &err {
-            etcd_client::Error::GRpcStatus(status) if !is_transient(&err) => EtcdError::Refused {
-                code: status.code(),
-                message: status.message().to_owned(),
-            },
+            // Only a definite refusal; anything else (UNKNOWN is how a broken transport
+            // surfaces) may not recur.
+            etcd_client::Error::GRpcStatus(status)
+                if matches!(
+                    status.code(),
+                    Code::InvalidArgument
+                        | Code::PermissionDenied
+                        | Code::Unauthenticated
+                        | Code::FailedPrecondition
+                        | Code::OutOfRange
+                        | Code::NotFound
+                        | Code::AlreadyExists
+                        | Code::ResourceExhausted
+                        | Code::Unimplemented
+                ) =>
+            {
+                EtcdError::Refused {
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                }
+            }
             _ => EtcdError::Unavailable(err.to_string()),
         }
     }
@@ -495,6 +512,8 @@ mod tests {
         assert!(matches!(down, EtcdError::Unavailable(_)), "{down:?}");
         assert!(down.is_retryable());
 
+        let broken = EtcdError::from(status(Code::Unknown, "transport error"));
+        assert!(matches!(broken, EtcdError::Unavailable(_)), "{broken:?}");
         let refused = EtcdError::from(status(Code::PermissionDenied, "permission denied"));
         assert!(
             matches!(
