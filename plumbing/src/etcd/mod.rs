@@ -24,9 +24,7 @@ use etcd_client::{Client, GetOptions};
 use tonic::Code;
 
 pub use lease::{Lease, LeaseLost};
-pub use options::{
-    EtcdArgs, EtcdConfigError, EtcdCredentials, EtcdOptions, EtcdPassword, EtcdTls,
-};
+pub use options::{EtcdArgs, EtcdConfigError, EtcdCredentials, EtcdOptions, EtcdPassword, EtcdTls};
 pub use watch::{Mirror, MirrorUpdate, WatchItem, WatchSpec, follow};
 
 /// How long one unary etcd call may take before the caller gets [`EtcdError::Unavailable`].
