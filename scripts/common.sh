@@ -17,31 +17,49 @@ sb_now() { date +%s.%3N; }
 sb_since() { awk -v a="$1" -v b="$(sb_now)" 'BEGIN { printf "%.1fs", b - a }'; }
 
 # Makes sure the system tools the build and the tests need exist: protoc (protobuf-compiler)
-# and etcd (etcd-server). Installs them with apt when running as root on a machine with
-# apt-get (one `apt-get update`, then one install); otherwise explains and exits 1.
+# and etcd (etcd-server), plus promtool (prometheus) when called with `promtool`. Installs
+# them with apt when running as root on a machine with apt-get (one `apt-get update`, then
+# one install, with services kept from starting: etcd-server and prometheus would start a
+# server each); otherwise explains and exits 1.
 sb_ensure_system_tools() {
-    local missing=()
+    local missing=() policy=/usr/sbin/policy-rc.d own_policy=""
     command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
     [[ -x "$SB_ETCD" ]] || missing+=(etcd-server)
+    if [[ " $* " == *" promtool "* ]]; then
+        command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    fi
     ((${#missing[@]} == 0)) && return 0
 
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         sb_say "installing ${missing[*]} with apt-get"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq || sb_die "apt-get update failed"
-        apt-get install -y -qq "${missing[@]}" >/dev/null || sb_die "apt-get install ${missing[*]} failed"
+        if [[ ! -e "$policy" ]]; then
+            printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+        fi
+        local installed=0
+        apt-get install -y -qq "${missing[@]}" >/dev/null && installed=1
+        [[ -z "$own_policy" ]] || rm -f "$policy"
+        ((installed)) || sb_die "apt-get install ${missing[*]} failed"
+        # Without policy-rc.d support (or under systemd), make sure no server stays up.
+        if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+            systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+        fi
     else
         {
             echo "missing: ${missing[*]}"
             echo "install them, for example on Debian/Ubuntu:"
             echo "    sudo apt-get update && sudo apt-get install -y ${missing[*]}"
-            echo "(protoc must be on PATH; etcd is expected at $SB_ETCD,"
+            echo "(protoc and promtool must be on PATH; etcd is expected at $SB_ETCD,"
             echo " or point SWITCHBOARD_TEST_ETCD at another etcd 3.4+ binary)"
         } >&2
         exit 1
     fi
     command -v protoc >/dev/null 2>&1 || sb_die "protoc still missing after install"
     [[ -x "$SB_ETCD" ]] || sb_die "$SB_ETCD still missing after install"
+    if [[ " $* " == *" promtool "* ]]; then
+        command -v promtool >/dev/null 2>&1 || sb_die "promtool still missing after install"
+    fi
 }
 
 # Makes sure cargo, and the cargo subcommands named as arguments (fmt, clippy), are present.

@@ -50,6 +50,34 @@ pub enum Error {
     Peer(Status),
 }
 
+impl Error {
+    /// Why an Acquire failing with this error is a fault of the service rather than of the
+    /// request (`None` for refusals of the caller: tokens, fields, unknown slots); one of
+    /// [`crate::stats::FAULTS`].
+    pub fn fault(&self) -> Option<&'static str> {
+        match self {
+            Error::Engine(EngineError::Unavailable(_)) => Some("unavailable"),
+            Error::Engine(EngineError::NotOwner(_)) => Some("not_owner"),
+            Error::NoOwner(_) => Some("no_owner"),
+            Error::Etcd(_) => Some("etcd"),
+            Error::NoPeerCredentials => Some("no_peer_credentials"),
+            Error::Peer(status) => matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Aborted
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Internal
+                    | tonic::Code::Unknown
+            )
+            .then_some("peer"),
+            Error::Auth(_)
+            | Error::Invalid(_)
+            | Error::Engine(EngineError::NotFound)
+            | Error::NoLimit { .. } => None,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
@@ -73,5 +101,33 @@ impl From<Error> for Status {
             e @ Error::NoLimit { .. } => Status::not_found(e.to_string()),
             Error::Peer(status) => status,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_told_from_refusals_and_named_as_the_metric_expects() {
+        let faults = [
+            Error::Engine(EngineError::Unavailable("etcd down".into())),
+            Error::Engine(EngineError::NotOwner(3)),
+            Error::NoOwner(3),
+            Error::Etcd(EtcdError::Unavailable("etcd down".into())),
+            Error::Peer(Status::unavailable("owner down")),
+            Error::NoPeerCredentials,
+        ];
+        let reasons: Vec<_> = faults.iter().filter_map(Error::fault).collect();
+        assert_eq!(reasons, crate::stats::FAULTS);
+        let refusals = [
+            Error::Engine(EngineError::NotFound),
+            Error::Peer(Status::invalid_argument("bad resource")),
+            Error::NoLimit {
+                account: "AC1".into(),
+                resource: "calls".into(),
+            },
+        ];
+        assert!(refusals.iter().all(|e| e.fault().is_none()));
     }
 }

@@ -321,6 +321,7 @@ pub async fn run_with(
         replica.lease.changes(),
     )
     .await?;
+    let stats = stats::EngineStats::register(&replica.metrics);
     let engine = engine::start(engine::EngineConfig {
         session: replica.session.clone(),
         replica_id: replica.replica_id.clone(),
@@ -329,7 +330,7 @@ pub async fn run_with(
         lease_lost: replica.lease.lost(),
         limits: limits.clone(),
         view: membership.view.clone(),
-        stats: stats::EngineStats::register(&replica.metrics),
+        stats: stats.clone(),
         escrow_min_limit: limiter.escrow_min_limit,
     });
     let credentials =
@@ -341,7 +342,7 @@ pub async fn run_with(
         credentials,
         replica.client_tls().clone(),
     );
-    let api = api::LimiterApi::new(slots::Slots::new(dispatcher), limits);
+    let api = api::LimiterApi::new(slots::Slots::new(dispatcher, stats), limits);
     // On SIGTERM: leave the membership (so the others take over at once), hand every shard
     // off (escrow slots written out exactly), then drain as usual.
     let leave = membership.leave();

@@ -12,6 +12,7 @@ use crate::engine::Command;
 use crate::error::Error;
 use crate::model::{AcquireSpec, SlotId, SlotKey};
 use crate::routing::Dispatcher;
+use crate::stats::EngineStats;
 
 /// Who asked, as the owner needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,8 @@ impl Requester {
 #[derive(Debug, Clone)]
 pub struct Slots {
     dispatcher: Dispatcher,
+    /// Where failed Acquires are counted (by fault).
+    stats: EngineStats,
 }
 
 fn unexpected() -> tonic::Status {
@@ -40,12 +43,13 @@ fn unexpected() -> tonic::Status {
 }
 
 impl Slots {
-    /// Operations over `dispatcher`.
-    pub fn new(dispatcher: Dispatcher) -> Self {
-        Self { dispatcher }
+    /// Operations over `dispatcher`, counting failed Acquires in `stats`.
+    pub fn new(dispatcher: Dispatcher, stats: EngineStats) -> Self {
+        Self { dispatcher, stats }
     }
 
-    /// Acquire: granted, queued until granted or the wait expires, or rejected.
+    /// Acquire: granted, queued until granted or the wait expires, or rejected; an error
+    /// that is a fault of the service is counted by its reason.
     pub async fn acquire(
         &self,
         spec: AcquireSpec,
@@ -63,7 +67,8 @@ impl Slots {
                 wait_timeout_ms: spec.wait_ms,
             }),
         );
-        self.dispatcher
+        let answered = self
+            .dispatcher
             .route(
                 shard,
                 wait,
@@ -86,7 +91,13 @@ impl Slots {
                     }
                 },
             )
-            .await
+            .await;
+        if let Err(err) = &answered
+            && let Some(reason) = err.fault()
+        {
+            self.stats.failed(reason);
+        }
+        answered
     }
 
     /// Release: whether this call freed the slot.

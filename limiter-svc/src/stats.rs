@@ -14,6 +14,25 @@ pub struct ResourceLabels {
     pub resource: String,
 }
 
+/// Every `reason` of [`FaultLabels`] (what `Error::fault` answers): each series exists from
+/// the start, at 0, so a rate of failures is defined before the first one.
+pub const FAULTS: [&str; 6] = [
+    "unavailable",
+    "not_owner",
+    "no_owner",
+    "etcd",
+    "peer",
+    "no_peer_credentials",
+];
+
+/// Why an Acquire failed instead of being decided (a fault, not a limit).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// `unavailable` (etcd failed under the engine, or the shard is reloading), `not_owner`,
+    /// `no_owner`, `etcd`, `peer` or `no_peer_credentials` — see `Error::fault`.
+    pub reason: &'static str,
+}
+
 /// Counters, gauges and histograms of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineStats {
@@ -25,6 +44,10 @@ pub struct EngineStats {
     pub in_flight: Family<ResourceLabels, Gauge>,
     /// Callers queued, in the shards owned here.
     pub queued: Family<ResourceLabels, Gauge>,
+    /// Keys whose (enforced) limit is all held, in the shards owned here.
+    pub keys_at_limit: Family<ResourceLabels, Gauge>,
+    /// Acquires that failed for a fault (answered with an error, not a decision).
+    pub failures: Family<FaultLabels, Counter>,
     /// Operations per slot txn and slot txn latency (including bucket lease grants).
     pub txn: TxnStats,
     /// Shards owned by this replica.
@@ -43,6 +66,8 @@ impl EngineStats {
             rejects: Family::default(),
             in_flight: Family::default(),
             queued: Family::default(),
+            keys_at_limit: Family::default(),
+            failures: Family::default(),
             txn: TxnStats::register(metrics, "limiter", "Slot operations"),
             shards_owned: Gauge::default(),
             escrow_grants: Counter::default(),
@@ -79,6 +104,20 @@ impl EngineStats {
             stats.queued.clone(),
         );
         metrics.register(
+            "limiter_keys_at_limit",
+            "Keys whose enforced limit is all held, in the shards this replica owns, by resource",
+            stats.keys_at_limit.clone(),
+        );
+        metrics.register(
+            "limiter_acquire_failures",
+            "Acquires answered with an error instead of a decision (faults, not limits), by reason",
+            stats.failures.clone(),
+        );
+        for reason in FAULTS {
+            // Creating the series is the point; the guard returned is not needed.
+            let _ = stats.failures.get_or_create(&FaultLabels { reason });
+        }
+        metrics.register(
             "limiter_shards_owned",
             "Shards this replica owns",
             stats.shards_owned.clone(),
@@ -93,6 +132,11 @@ impl EngineStats {
                 resource: resource.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts an Acquire that failed for `reason`.
+    pub fn failed(&self, reason: &'static str) {
+        self.failures.get_or_create(&FaultLabels { reason }).inc();
     }
 
     /// Counts a rejection.

@@ -341,7 +341,9 @@ impl Body for ObservedBody {
     }
 }
 
-fn code_name(raw: &[u8]) -> &'static str {
+/// The name of the gRPC status code `raw` (a `grpc-status` header value); `UNKNOWN` when it
+/// is not one.
+pub(crate) fn code_name(raw: &[u8]) -> &'static str {
     let code = std::str::from_utf8(raw)
         .ok()
         .and_then(|t| t.parse::<i32>().ok())

@@ -113,6 +113,8 @@ impl Replica {
             tracing::info!("a second platform key is accepted (platform key rotation)");
         }
         let verifier = Verifier::new(platform, Some(keys.clone())).accepting(accepted);
+        let metrics = Metrics::new();
+        session.round_trips().register(&metrics);
         Ok(Self {
             session,
             lease,
@@ -120,7 +122,7 @@ impl Replica {
             shutdown: CancellationToken::new(),
             address,
             replica_id: format!("{:016x}", rand::random::<u64>()),
-            metrics: Metrics::new(),
+            metrics,
             metrics_listen: common.metrics_listen,
             verifier,
             drain_timeout: common.drain_timeout,

@@ -295,6 +295,7 @@ fn assemble(
         layout,
         replica.shutdown.clone(),
         presence.max_watches_per_account as usize,
+        &replica.metrics,
     );
     let credentials = CallCredentials::from_common(common, &[Scope::RouterRoute]);
     let relay = relay::Relay::new(

@@ -4,12 +4,19 @@
 //! revision. Each account may have at most `--max-watches-per-account` watches open on one
 //! replica (each is an etcd watch); the unit is given back when the stream ends or its
 //! client goes away.
+//!
+//! `switchboard_presence_watch_lag_seconds` times each batch of etcd events from its
+//! arrival here to its last event queued for the client: it grows when watchers read
+//! slowly (their stream's buffer is full, so the etcd watch waits for them).
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use etcd_client::{Event, EventType, GetOptions};
 use plumbing::etcd::{EtcdSession, WatchItem, WatchSpec, follow};
+use plumbing::metrics::{Metrics, latency_histogram};
 use plumbing::quota::{AccountQuota, QuotaPermit};
+use prometheus_client::metrics::histogram::Histogram;
 use proto::presence::v1 as pb;
 use proto::presence::v1::watch_presence_response::Event as Out;
 use tokio::sync::mpsc;
@@ -60,18 +67,27 @@ pub struct PresenceWatch {
     layout: Layout,
     shutdown: CancellationToken,
     watches: AccountQuota,
+    lag: Histogram,
 }
 
 impl PresenceWatch {
     /// Watches under `layout`, at most `max_per_account` open per account; streams end
-    /// when `shutdown` fires.
+    /// when `shutdown` fires; their lag is registered in `metrics`.
     pub fn new(
         session: EtcdSession,
         layout: Layout,
         shutdown: CancellationToken,
         max_per_account: usize,
+        metrics: &Metrics,
     ) -> Self {
+        let lag = latency_histogram();
+        metrics.register(
+            "presence_watch_lag_seconds",
+            "WatchPresence: time from a batch of etcd events arriving to its last event queued for the client",
+            lag.clone(),
+        );
         Self {
+            lag,
             session,
             layout,
             shutdown,
@@ -111,6 +127,7 @@ impl PresenceWatch {
             notes: HashMap::new(),
             next: from,
             outbound,
+            lag: self.lag.clone(),
             _permit: permit,
         };
         tokio::spawn(task.run(snapshot, items, self.shutdown.clone()));
@@ -167,6 +184,8 @@ struct WatchTask {
     /// The revision delivery resumes from.
     next: i64,
     outbound: mpsc::Sender<Result<pb::WatchPresenceResponse, Status>>,
+    /// Where each batch's delivery time is observed.
+    lag: Histogram,
     /// This watch's unit of the account's quota, given back when the task ends.
     _permit: QuotaPermit,
 }
@@ -206,6 +225,7 @@ impl WatchTask {
             };
             match item {
                 Some(WatchItem::Events { events, revision }) => {
+                    let arrived = Instant::now();
                     for event in events {
                         if let Some((revision, out)) = self.convert(&event)
                             && !self.send(revision, out).await
@@ -213,6 +233,7 @@ impl WatchTask {
                             return;
                         }
                     }
+                    self.lag.observe(arrived.elapsed().as_secs_f64());
                     self.next = revision + 1;
                 }
                 Some(WatchItem::Progress { revision }) => self.next = revision + 1,

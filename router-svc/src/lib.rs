@@ -242,7 +242,11 @@ pub async fn run_with(
         ),
         live: Arc::new(LiveTable::default()),
         peers,
-        webhooks: WebhookClient::new(args.allow_private_webhooks, webhook_tls),
+        webhooks: WebhookClient::new(
+            args.allow_private_webhooks,
+            webhook_tls,
+            stats::WebhookStats::register(&replica.metrics),
+        ),
         slot_hold: slot_hold(args.common.replica_ttl),
         fail_closed: args.guard.guard_fail_closed,
         shutdown: CancellationToken::new(),

@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::stats::WebhookStats;
 use crate::url::{Scheme, WebhookUrl, is_public, refusal};
 use crate::webhook_tls::{TlsFailure, WebhookTls};
 use crate::xml::Method;
@@ -82,6 +83,22 @@ pub enum WebhookError {
     },
 }
 
+impl WebhookError {
+    /// The `result` label of a request that failed with this error.
+    pub fn label(&self) -> &'static str {
+        match self {
+            WebhookError::Refused(_) => "refused",
+            WebhookError::Resolve { .. } => "resolve",
+            WebhookError::Connect { .. } => "connect",
+            WebhookError::Timeout => "timeout",
+            WebhookError::Http(_) => "http",
+            WebhookError::Status(_) => "status",
+            WebhookError::TooLarge => "too_large",
+            WebhookError::Tls { .. } => "tls",
+        }
+    }
+}
+
 /// A webhook answer.
 #[derive(Debug, Clone)]
 pub struct WebhookResponse {
@@ -122,16 +139,18 @@ pub struct WebhookClient {
     allow_private: bool,
     tls: WebhookTls,
     idle: Arc<Mutex<IdlePool>>,
+    stats: WebhookStats,
 }
 
 impl WebhookClient {
     /// A client; `allow_private` lifts the SSRF guard (local development and tests), `tls`
-    /// is what https webhooks trust.
-    pub fn new(allow_private: bool, tls: WebhookTls) -> Self {
+    /// is what https webhooks trust, every request is counted in `stats`.
+    pub fn new(allow_private: bool, tls: WebhookTls, stats: WebhookStats) -> Self {
         Self {
             allow_private,
             tls,
             idle: Arc::default(),
+            stats,
         }
     }
 
@@ -145,9 +164,13 @@ impl WebhookClient {
         &self,
         request: &WebhookRequest<'_>,
     ) -> Result<WebhookResponse, WebhookError> {
-        tokio::time::timeout(TOTAL_TIMEOUT, self.exchange(request))
+        let started = Instant::now();
+        let answer = tokio::time::timeout(TOTAL_TIMEOUT, self.exchange(request))
             .await
-            .map_err(|_| WebhookError::Timeout)?
+            .unwrap_or(Err(WebhookError::Timeout));
+        let result = answer.as_ref().map_or_else(WebhookError::label, |_| "ok");
+        self.stats.record(result, started.elapsed());
+        answer
     }
 
     async fn exchange(

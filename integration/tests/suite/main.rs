@@ -18,6 +18,7 @@ mod fuzz_regressions;
 mod guard;
 mod limiter;
 mod metrics;
+mod observability;
 mod presence_auth;
 mod presence_reads;
 mod presence_registration;

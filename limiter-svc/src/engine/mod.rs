@@ -713,6 +713,7 @@ impl Engine {
         let stats = &self.config.stats;
         stats.in_flight.clear();
         stats.queued.clear();
+        stats.keys_at_limit.clear();
         for (key, state) in self.table.keys() {
             let labels = ResourceLabels {
                 resource: key.resource.clone(),
@@ -725,6 +726,14 @@ impl Engine {
                 .queued
                 .get_or_create(&labels)
                 .inc_by(i64::from(state.queued()));
+            // Only a key holding slots can be at its limit: idle keys skip the look-up.
+            if state.held() > 0
+                && let (Some(limit), _) = self.config.limits.effective(key)
+                && !limit.shadow
+                && state.held() >= limit.max_in_flight
+            {
+                stats.keys_at_limit.get_or_create(&labels).inc();
+            }
         }
         stats.shards_owned.set(self.owned.borrow().len() as i64);
     }

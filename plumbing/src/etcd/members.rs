@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
 
+use super::RoundTrips;
+
 /// How often each member is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(300);
 /// How long a probe may take before its member counts as down.
@@ -37,6 +39,8 @@ pub(crate) struct Members {
     members: Vec<Member>,
     options: ConnectOptions,
     preferred: AtomicUsize,
+    /// Where the members' clients (and their probes) count their requests.
+    round_trips: RoundTrips,
 }
 
 impl std::fmt::Debug for Members {
@@ -59,8 +63,12 @@ enum Probe {
 
 impl Members {
     /// Members for `endpoints` (none for a single endpoint: there is nothing to choose),
-    /// with a prober started for them.
-    pub(crate) fn start(endpoints: &[String], options: ConnectOptions) -> Option<Arc<Self>> {
+    /// with a prober started for them; their requests count in `round_trips`.
+    pub(crate) fn start(
+        endpoints: &[String],
+        options: ConnectOptions,
+        round_trips: RoundTrips,
+    ) -> Option<Arc<Self>> {
         if endpoints.len() < 2 {
             return None;
         }
@@ -74,6 +82,7 @@ impl Members {
                 .collect(),
             options,
             preferred: AtomicUsize::new(NONE),
+            round_trips,
         });
         tokio::spawn(probe_forever(Arc::downgrade(&members)));
         Some(members)
@@ -92,8 +101,11 @@ impl Members {
         let mut client = match existing {
             Some(client) => client,
             None => {
-                let connect =
-                    Client::connect([member.endpoint.as_str()], Some(self.options.clone()));
+                let connect = Client::connect_with_balanced_channel(
+                    [member.endpoint.as_str()],
+                    Some(self.options.clone()),
+                    self.round_trips.clone(),
+                );
                 match tokio::time::timeout(PROBE_DEADLINE, connect).await {
                     Ok(Ok(client)) => {
                         if let Ok(mut slot) = member.client.write() {

@@ -11,10 +11,14 @@
 //! With several endpoints, [`EtcdSession::client`] answers the client of a member that
 //! answers its health probes, the leader first (see `members`), so a member that is down
 //! or stopped is skipped until it answers again.
+//!
+//! Every client a session makes counts its requests in the session's [`RoundTrips`]
+//! (`switchboard_etcd_*` metrics).
 
 pub mod lease;
 mod members;
 pub mod options;
+pub mod round_trips;
 pub mod watch;
 
 use std::future::Future;
@@ -25,6 +29,7 @@ use tonic::Code;
 
 pub use lease::{Lease, LeaseLost};
 pub use options::{EtcdArgs, EtcdConfigError, EtcdCredentials, EtcdOptions, EtcdPassword, EtcdTls};
+pub use round_trips::RoundTrips;
 pub use watch::{Mirror, MirrorUpdate, WatchItem, WatchSpec, follow};
 
 /// How long one unary etcd call may take before the caller gets [`EtcdError::Unavailable`].
@@ -229,6 +234,7 @@ pub struct EtcdSession {
     members: Option<std::sync::Arc<members::Members>>,
     prefix: String,
     authenticated: bool,
+    round_trips: RoundTrips,
 }
 
 impl std::fmt::Debug for EtcdSession {
@@ -261,9 +267,14 @@ impl EtcdSession {
             .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
         let user = options.credentials.as_ref().map(|c| c.user.clone());
+        let round_trips = RoundTrips::default();
         let client = tokio::time::timeout(
             CALL_DEADLINE,
-            Client::connect(&options.endpoints, Some(connect_options.clone())),
+            Client::connect_with_balanced_channel(
+                &options.endpoints,
+                Some(connect_options.clone()),
+                round_trips.clone(),
+            ),
         )
         .await
         .map_err(|_| unreachable(format!("no answer within {CALL_DEADLINE:?}")))?
@@ -277,9 +288,14 @@ impl EtcdSession {
         })?;
         let session = Self {
             client,
-            members: members::Members::start(&options.endpoints, connect_options.clone()),
+            members: members::Members::start(
+                &options.endpoints,
+                connect_options.clone(),
+                round_trips.clone(),
+            ),
             prefix: options.prefix.trim_end_matches('/').to_owned(),
             authenticated: user.is_some(),
+            round_trips,
         };
         // Connecting is lazy: read once under the prefix so that a wrong address, a TLS
         // mismatch or a missing permission fails here rather than on the first request.
@@ -369,6 +385,11 @@ impl EtcdSession {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(RETRY_PAUSE_MAX);
         }
+    }
+
+    /// The counts and latencies of this session's etcd requests (see [`round_trips`]).
+    pub fn round_trips(&self) -> &RoundTrips {
+        &self.round_trips
     }
 
     /// The deployment prefix, without trailing slash (e.g. `/switchboard`).
