@@ -5,6 +5,7 @@
 mod abuse;
 mod abuse_support;
 mod auth;
+mod docs_commands;
 mod etcd;
 mod etcd_security;
 mod examples;
