@@ -5,8 +5,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use plumbing::client::CallCredentials;
 use tokio::sync::mpsc;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -98,9 +98,8 @@ async fn reconnect_loop(
             })
         })
         .collect::<Result<Vec<Channel>, Error>>()?;
-    let authorization: MetadataValue<Ascii> = format!("Bearer {}", args.token.expose())
-        .parse()
-        .map_err(|_| Error::TokenNotAscii)?;
+    let credentials =
+        CallCredentials::bearer(args.token.expose()).map_err(|_| Error::TokenNotAscii)?;
     let mut memory = Memory {
         device_id: args.device_id.clone(),
         status: args.status,
@@ -113,14 +112,8 @@ async fn reconnect_loop(
         let _ = events.send(Event::Connecting {
             address: address.clone(),
         });
-        let opened = Session::open(
-            channels[index].clone(),
-            &authorization,
-            args,
-            &memory,
-            events,
-        )
-        .await;
+        let opened =
+            Session::open(channels[index].clone(), &credentials, args, &memory, events).await;
         let status = match opened {
             Ok((session, device)) => {
                 backoff.reset();

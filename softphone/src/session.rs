@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
+use plumbing::client::CallCredentials;
 use proto::presence::v1 as pb;
 use proto::presence::v1::connect_request::Kind as Send;
 use proto::presence::v1::connect_response::Kind as Recv;
 use proto::presence::v1::presence_service_client::PresenceServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
@@ -78,7 +78,7 @@ impl<'a> Session<'a> {
     /// and its device.
     pub async fn open(
         channel: Channel,
-        authorization: &MetadataValue<Ascii>,
+        credentials: &CallCredentials,
         args: &'a SoftphoneArgs,
         memory: &Memory,
         events: &'a mpsc::UnboundedSender<Event>,
@@ -91,12 +91,9 @@ impl<'a> Session<'a> {
         };
         // The receiver is alive (it is in `requests`): this cannot fail.
         let _ = outbound.send(request(Send::Hello(hello)));
-        let mut request = tonic::Request::new(UnboundedReceiverStream::new(requests));
-        request
-            .metadata_mut()
-            .insert("authorization", authorization.clone());
+        let request = tonic::Request::new(UnboundedReceiverStream::new(requests));
         let opening = async {
-            let mut inbound = PresenceServiceClient::new(channel)
+            let mut inbound = PresenceServiceClient::with_interceptor(channel, credentials.clone())
                 .connect(request)
                 .await?
                 .into_inner();
