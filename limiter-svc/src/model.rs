@@ -8,18 +8,10 @@ use plumbing::validate::{self, FieldError};
 /// divides evenly among 1, 2, 3, 4, 6, 8, 12 and 16 replicas, and at most one shard in
 /// 48 (~2 %) moves per handoff.
 pub const SHARDS: u16 = 48;
-/// Default hold when a request leaves `hold_seconds` at 0.
-pub const DEFAULT_HOLD_SECS: u32 = 60;
-/// Longest hold.
-pub const MAX_HOLD_SECS: u32 = 86_400;
-/// Longest queue wait.
-pub const MAX_WAIT_MS: u32 = 60_000;
-/// Largest limit.
-pub const MAX_LIMIT: u32 = 1_000_000;
-/// Longest resource name.
-pub const RESOURCE_MAX: usize = 300;
-/// Longest request id.
-pub const REQUEST_ID_MAX: usize = 128;
+// The bounds of requests are the contract's, stated once in plumbing.
+pub use plumbing::rules::{
+    DEFAULT_HOLD_SECS, MAX_HOLD_SECS, MAX_LIMIT, MAX_WAIT_MS, REQUEST_ID_MAX, RESOURCE_MAX,
+};
 
 /// One limited key: (account, resource).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,4 +1,4 @@
-//! Flags shared by every binary (DESIGN.md §4), each with its `SWITCHBOARD_*` fallback.
+//! Flags shared by every binary (docs/CONTRACT.md §4), each with its `SWITCHBOARD_*` fallback.
 //!
 //! A service's own `Cli` flattens [`CommonArgs`] and adds `--listen` (whose default differs
 //! per service) plus its own flags. OpenTelemetry export is configured through the standard

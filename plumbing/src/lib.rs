@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod paging;
 pub mod quota;
 pub mod refusal;
+pub mod rules;
 pub mod server;
 pub mod status;
 pub mod telemetry;

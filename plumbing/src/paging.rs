@@ -15,12 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::validate::FieldError;
 
-/// The page size when a request gives none.
-pub const DEFAULT_PAGE_SIZE: usize = 100;
-/// The largest page any List RPC returns.
-pub const MAX_PAGE_SIZE: usize = 1000;
-/// The longest page token accepted (a cursor is at most a few hundred bytes).
-pub const MAX_PAGE_TOKEN: usize = 2048;
+pub use crate::rules::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_PAGE_TOKEN};
 
 /// The version tag of the token format.
 const VERSION: &str = "v1";

@@ -21,10 +21,7 @@ impl FieldError {
     }
 }
 
-/// Longest account id.
-pub const ACCOUNT_ID_MAX: usize = 64;
-/// Longest name (identity, resource, device id).
-pub const NAME_MAX: usize = 256;
+pub use crate::rules::{ACCOUNT_ID_MAX, NAME_MAX};
 
 /// Account ids: 1–64 characters of `A-Z a-z 0-9 . _ -`.
 pub fn account_id(field: &str, value: &str) -> Result<(), FieldError> {

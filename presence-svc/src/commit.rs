@@ -1,6 +1,6 @@
 //! [`GroupCommit`]: every presence write of this replica goes through one writer that packs
 //! whatever is waiting into a single etcd txn, each write a nested txn keeping its own
-//! compare (DESIGN.md §3: etcd's cost is per request, so a storm of hellos or hang-ups —
+//! compare (docs/CONTRACT.md §3: etcd's cost is per request, so a storm of hellos or hang-ups —
 //! thousands of clients reconnecting — costs tens of raft entries, not thousands).
 //!
 //! The writer adds no delay: it takes what is queued when the previous txn has returned, up

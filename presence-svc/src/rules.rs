@@ -8,34 +8,12 @@ use proto::presence::v1 as pb;
 
 use crate::record::DeviceStatus;
 
-/// Longest identity, in characters.
-pub const IDENTITY_MAX: usize = 256;
-/// Longest device id, in characters.
-pub const DEVICE_ID_MAX: usize = 128;
-/// Registration TTL when the request gives none, seconds.
-pub const TTL_DEFAULT: u32 = 60;
-/// Shortest registration TTL, seconds.
-pub const TTL_MIN: u32 = 5;
-/// Longest registration TTL, seconds.
-pub const TTL_MAX: u32 = 3600;
-/// Most attributes on a device.
-pub const ATTRIBUTES_MAX: usize = 32;
-/// Longest attribute key, in characters.
-pub const ATTRIBUTE_KEY_MAX: usize = 64;
-/// Longest attribute value, in characters.
-pub const ATTRIBUTE_VALUE_MAX: usize = 256;
-/// Most bytes of attribute keys and values together.
-pub const ATTRIBUTES_BYTES_MAX: usize = 4096;
-/// Longest contact, in characters.
-pub const CONTACT_MAX: usize = 1024;
-/// Most identities in one BatchGetPresence or WatchPresence.
-pub const IDENTITIES_MAX: usize = 1000;
-/// Most offer parameters (the router merges up to 32 Route and 32 `<Parameter>` ones).
-pub const PARAMETERS_MAX: usize = 64;
-/// Longest offer parameter name, in characters.
-pub const PARAMETER_NAME_MAX: usize = 64;
-/// Longest offer parameter value, in characters.
-pub const PARAMETER_VALUE_MAX: usize = 1024;
+// The bounds themselves are the contract's, stated once in plumbing.
+pub use plumbing::rules::{
+    ATTRIBUTE_KEY_MAX, ATTRIBUTE_VALUE_MAX, ATTRIBUTES_BYTES_MAX, ATTRIBUTES_MAX, CONTACT_MAX,
+    DEVICE_ID_MAX, IDENTITIES_MAX, IDENTITY_MAX, PARAMETER_NAME_MAX, PARAMETER_VALUE_MAX,
+    PARAMETERS_MAX, TTL_DEFAULT, TTL_MAX, TTL_MIN,
+};
 
 /// Identities: 1–256 characters of `A-Z a-z 0-9 . _ - : @ +`.
 pub fn identity(field: &str, value: &str) -> Result<(), FieldError> {

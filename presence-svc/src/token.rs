@@ -1,4 +1,4 @@
-//! `presence-svc token`: mints one JWT for developers and operators (DESIGN.md §4).
+//! `presence-svc token`: mints one JWT for developers and operators (docs/CONTRACT.md §4).
 
 use clap::Args;
 use plumbing::auth::jwt::{self, TokenRequest};

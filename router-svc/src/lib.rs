@@ -1,5 +1,5 @@
 //! router-svc: routes incoming communications by the customer's instructions and the
-//! client's presence (DESIGN.md §1, flow 1, steps 3–7).
+//! client's presence (docs/CONTRACT.md §1, presence and routing).
 //!
 //! `Route(from, to, account)` finds the account's application for `to`, takes a limiter
 //! slot (resource `communications`), gets the instructions (inline, or a signed webhook
@@ -37,7 +37,7 @@
 //!
 //! # Writes
 //!
-//! etcd writes are the scarce resource (DESIGN.md §3): records are written by one
+//! etcd writes are the scarce resource (docs/CONTRACT.md §3): records are written by one
 //! group-committing writer per replica ([`store`]): creations (nested put-if-absent txns)
 //! and coalesced "latest state" puts of every communication that changed share one txn of
 //! up to 128 operations. A communication typically costs its creation, one or two

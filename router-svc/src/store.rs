@@ -22,7 +22,7 @@
 //! moves its index entries to the new lease with its next write of each record (the lost
 //! lease's sweep skips leases of its own).
 //!
-//! Writes are scarce (DESIGN.md §3), so nobody writes directly: a creation (put-if-absent,
+//! Writes are scarce (docs/CONTRACT.md §3), so nobody writes directly: a creation (put-if-absent,
 //! for idempotency across replicas) or a "this record changed" mark goes to a queue, and
 //! the writer packs everything queued while its previous txn was in flight into one txn of
 //! up to [`MAX_OPS`] operations. A record marked dirty several times before its txn is

@@ -1,4 +1,4 @@
-//! Signed HTTP requests to application URLs (DESIGN.md §4): form or query parameters, the
+//! Signed HTTP requests to application URLs (docs/CONTRACT.md §4): form or query parameters, the
 //! `X-Switchboard-Signature` header, a 5 s connect and 15 s total deadline, a bounded
 //! response, and the SSRF guard applied to the *resolved* address — the connection goes to
 //! the very address that was checked, so a DNS answer cannot change between check and use.

@@ -22,7 +22,7 @@ use crate::fault_support::{
 use crate::presence_support::Session;
 
 /// The longest a caller may go without a successful write once the remaining members have
-/// elected a new leader: DESIGN.md §5 invariant 6 (2 s). The election itself (etcd's 1 s
+/// elected a new leader: docs/CONTRACT.md §5 invariant 6 (2 s). The election itself (etcd's 1 s
 /// election timeout, about 1.5 s on loopback) comes before and is printed, not bounded.
 const WRITE_OUTAGE_AFTER_ELECTION: Duration = Duration::from_secs(2);
 

@@ -20,7 +20,7 @@ use crate::fault_support::{
     set_limit,
 };
 
-/// DESIGN.md §5 invariant 6: no key or identity more than 2 s without service.
+/// docs/CONTRACT.md §5 invariant 6: no key or identity more than 2 s without service.
 const OUTAGE_AFTER_ELECTION: Duration = Duration::from_secs(2);
 /// How long the member stays down or frozen.
 const FAULT_FOR: Duration = Duration::from_secs(10);

@@ -29,7 +29,7 @@ use crate::presence_support::Session;
 /// on their own schedule: a keep-alive tick is a third of the 5 s replica TTL).
 const RECOVERY_BOUND: Duration = Duration::from_secs(5);
 
-/// How soon a change must reach every replica's watch-fed copy (DESIGN.md §4: "within a
+/// How soon a change must reach every replica's watch-fed copy (docs/CONTRACT.md §4: "within a
 /// second").
 const PROPAGATION_BOUND: Duration = Duration::from_secs(1);
 

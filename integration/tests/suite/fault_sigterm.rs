@@ -1,5 +1,5 @@
 //! Fault suite: SIGTERM drains each binary under load and revokes its lease at once
-//! (issue 6, item 4; DESIGN.md §4: "report NOT_SERVING, stop accepting, drain, revoke own
+//! (issue 6, item 4; docs/CONTRACT.md §4: "report NOT_SERVING, stop accepting, drain, revoke own
 //! leases, exit 0").
 //!
 //! `shutdown::every_binary_exits_zero_on_sigterm_and_leaves_no_lease` covers idle

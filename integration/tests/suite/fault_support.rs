@@ -33,7 +33,7 @@ pub const ACCOUNT: &str = "AC1";
 
 /// How long one call of a load worker may take before it counts as failed (with
 /// DEADLINE_EXCEEDED): longer than the services' own 5 s etcd deadline, after which they
-/// must have answered (DESIGN.md §4: UNAVAILABLE, "never a hang past the deadline").
+/// must have answered (docs/CONTRACT.md §4: UNAVAILABLE, "never a hang past the deadline").
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// A device token of `identity` in [`ACCOUNT`], signed with the platform key.

@@ -15,7 +15,7 @@ pub const MAX_LIFETIME_SECS: i64 = 24 * 3600;
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const CLOCK_SKEW_SECS: i64 = 30;
 
-/// The claims Switchboard reads (DESIGN.md §4).
+/// The claims Switchboard reads (docs/CONTRACT.md §4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// Account id; `*` only with the platform key.

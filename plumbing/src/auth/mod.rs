@@ -20,7 +20,7 @@ use std::sync::Arc;
 pub use keys::{KeyError, KeyStore, StoredKey};
 pub use layer::{AuthLayer, AuthService, PUBLIC_PATH_PREFIXES};
 
-/// What a token can grant (DESIGN.md §4). `admin` implies every other scope.
+/// What a token can grant (docs/CONTRACT.md §4). `admin` implies every other scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// Register and update one's own presence.

@@ -1,6 +1,6 @@
 //! A lease kept alive on a ticker, whose loss is reported to its owner.
 //!
-//! Keep-alives are not raft writes (DESIGN.md §3), so one lease per process or session is
+//! Keep-alives are not raft writes (docs/CONTRACT.md §3), so one lease per process or session is
 //! cheap to keep. The keeper sends one every TTL/3, each under a TTL/3 timeout; when etcd
 //! answers `ttl <= 0` the lease is gone (expired or revoked elsewhere), and when no
 //! keep-alive has succeeded for a whole TTL the lease must be assumed gone too. Either way
