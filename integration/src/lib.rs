@@ -1,4 +1,4 @@
-//! The test harness and the benchmark of Switchboard.
+//! The test harness and the soak of Switchboard.
 //!
 //! - [`Etcd`] starts a real etcd (Debian's `/usr/bin/etcd`, or `$SWITCHBOARD_TEST_ETCD`) on
 //!   free loopback ports, with its data in a temporary folder; it can be stopped, restarted
@@ -11,9 +11,12 @@
 //!
 //! Services started in-process live in each test (they need the service crates, which are
 //! this crate's dev-dependencies), through [`serve_in_process`].
+//!
+//! [`soak`] is the whole stack under mixed load and etcd faults (`scripts/soak`, and a
+//! short run in the suite). The benchmark is its own crate, `switchboard-bench` (`bench/`),
+//! which uses this harness; nothing here depends on it.
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod certs;
 pub mod secure_etcd;
 pub mod soak;

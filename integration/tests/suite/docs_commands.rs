@@ -83,6 +83,56 @@ fn quick_start_shows_what_this_test_and_ci_run() {
     );
 }
 
+/// The README's `scripts/stack demo`: the stack, then every step of `switchboard-demo`
+/// against it, exits 0 (on the debug binaries, with its own folder and ports).
+#[test]
+fn the_stack_demo_passes_every_step() {
+    let root = root();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < 5 {
+        let port = free_port();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    let log = dir.path().join("demo.log");
+    let output = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new(root.join("scripts/stack"))
+        .args(["--no-build", "demo"])
+        .env("SWITCHBOARD_STACK_PROFILE", "debug")
+        .env("SWITCHBOARD_STACK_DIR", dir.path().join("state"))
+        .env(
+            "SWITCHBOARD_STACK_PORTS",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(output.try_clone().unwrap())
+        .stderr(output)
+        .spawn()
+        .expect("run scripts/stack");
+    let status = shell::poll(std::time::Duration::from_secs(300), || {
+        child.try_wait().ok().flatten()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!(
+            "scripts/stack demo did not end within 5 minutes; its output:\n{}",
+            redact(&shell::read(&log), &[])
+        );
+    };
+    let printed = shell::read(&log);
+    assert!(
+        status.success() && printed.contains("== 6. ") && printed.contains("demo passed"),
+        "scripts/stack demo exited {status}; its output:\n{}",
+        redact(&printed, &[])
+    );
+}
+
 #[test]
 fn every_tour_block_is_run_or_marked() {
     let blocks = documented_blocks(&root(), &[]);

@@ -1,10 +1,11 @@
-//! The two baselines of DESIGN.md §6, measured in the same run as the service they judge:
+//! The two baselines of docs/CONTRACT.md §6, measured in the same run as the service they judge:
 //! the RPC ceiling (`grpc.health.v1.Health/Check`, no auth, no work) and the naive etcd
 //! semaphore (one txn put-if-absent to acquire, one delete to release).
 
 use std::net::SocketAddr;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use integration::{PLATFORM_KEY_ID, PLATFORM_SECRET, Tokens};
 use plumbing::auth::Scope;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
@@ -15,7 +16,6 @@ use tonic_health::pb::health_client::HealthClient;
 use super::load::{self, Plan, Sample, Worker};
 use super::stack::{Stack, WindowFacts};
 use super::{OP_TIMEOUT, Options, Result};
-use crate::{PLATFORM_KEY_ID, PLATFORM_SECRET, Tokens};
 
 /// Lifetime of the benchmark's tokens (the contract's maximum is 24 h).
 const TOKEN_TTL: i64 = 23 * 3_600;

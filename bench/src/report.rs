@@ -23,7 +23,7 @@ pub struct Ratio {
     pub goal: Goal,
 }
 
-/// A goal of DESIGN.md §6.
+/// A goal of docs/CONTRACT.md §6.
 #[derive(Debug, Clone, Copy)]
 pub enum Goal {
     /// The figure must be at least this.
@@ -104,7 +104,7 @@ pub struct Report {
 impl Report {
     /// Prints the header and the table's head.
     pub fn start(options: &Options, command: &str) -> Self {
-        let etcd = crate::Etcd::binary();
+        let etcd = integration::Etcd::binary();
         let build = if cfg!(debug_assertions) {
             "DEBUG build: figures are meaningless, use --release"
         } else {
@@ -201,7 +201,7 @@ impl Report {
             text.push_str(&format!("ratio {} {:.2}\n", ratio.name, ratio.value));
         }
         if !self.ratios.is_empty() {
-            text.push_str("\ngoals (DESIGN.md §6):\n");
+            text.push_str("\ngoals (docs/CONTRACT.md §6):\n");
             for ratio in &self.ratios {
                 let verdict = match ratio.goal {
                     Goal::Report => "reported",

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use integration::{Etcd, PLATFORM_KEY_ID, PLATFORM_SECRET, free_port, unique_prefix};
 use plumbing::tls::ClientTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
@@ -14,7 +15,6 @@ use tonic::transport::Channel;
 
 use super::load::{CpuSnapshot, Plan, Sample};
 use super::{Options, Result, progress, sys};
-use crate::{Etcd, PLATFORM_KEY_ID, PLATFORM_SECRET, free_port, unique_prefix};
 
 /// How long a service may take to answer its health check as SERVING.
 const START_TIMEOUT: Duration = Duration::from_secs(30);

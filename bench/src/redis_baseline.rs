@@ -1,4 +1,4 @@
-//! The Redis baseline of DESIGN.md §6: the in-flight semaphore many pick instead of a
+//! The Redis baseline of docs/CONTRACT.md §6: the in-flight semaphore many pick instead of a
 //! limiter service — one sorted set of holders per key, scored by expiry, acquired by a
 //! Lua script (EVALSHA) and released by `ZREM` — on Debian's `redis-server`, which this
 //! module starts on a free loopback port (no persistence, its own temporary folder) and
@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use integration::free_port;
 use redis::aio::MultiplexedConnection;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -16,7 +17,6 @@ use tokio::time::Instant;
 use super::load::{self, Plan, Sample, Worker};
 use super::stack::{Stack, WindowFacts};
 use super::{OP_TIMEOUT, Options, Result, sys};
-use crate::free_port;
 
 /// Where Debian's `redis-server` lives; `SWITCHBOARD_BENCH_REDIS` names another.
 const DEFAULT_BINARY: &str = "/usr/bin/redis-server";

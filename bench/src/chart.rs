@@ -415,7 +415,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::bench::report::Goal;
+    use crate::report::Goal;
 
     /// Checks that `svg` is well-formed XML as this module writes it: one root element,
     /// tags closed in order, attribute values quoted, `&` only in the five entities.

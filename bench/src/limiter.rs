@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use integration::{PLATFORM_KEY_ID, PLATFORM_SECRET};
 use plumbing::auth::Scope;
 use plumbing::client::CallCredentials;
 use plumbing::limiter::LimiterClient;
@@ -53,7 +54,6 @@ use super::redis_baseline::{self, RedisServer};
 use super::report::{Goal, Row};
 use super::stack::{Stack, WindowFacts};
 use super::{CALLERS_PER_CHANNEL, Options, Report, Result, progress};
-use crate::{PLATFORM_KEY_ID, PLATFORM_SECRET};
 
 /// Limiter replicas of the main world.
 const REPLICAS: usize = 3;

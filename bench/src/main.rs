@@ -1,6 +1,6 @@
 //! `bench <scenario> [--concurrency N] [--duration SECS] [--warmup SECS] [--charts DIR]
 //! [--tls-cert PEM --tls-key PEM --tls-ca PEM]`: the benchmark of
-//! DESIGN.md §6 (see `integration::bench` and docs/BENCHMARKS.md). Run it through
+//! docs/CONTRACT.md §6 (see the `switchboard_bench` crate and docs/BENCHMARKS.md). Run it through
 //! `scripts/bench`, which builds the release binaries it starts.
 #![forbid(unsafe_code)]
 
@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use integration::bench::{self, BenchTls, Options};
+use switchboard_bench::{self as bench, BenchTls, Options};
 
 /// Benchmarks Switchboard against real etcd (fsync on) and the release service binaries.
 #[derive(Debug, Parser)]

@@ -1,4 +1,9 @@
-//! The benchmark of DESIGN.md §6, run by `scripts/bench <scenario>` (the `bench` binary).
+//! The benchmark of docs/CONTRACT.md §6, run by `scripts/bench <scenario>` (this crate's `bench`
+//! binary, `cargo run --release -p switchboard-bench --bin bench -- <scenario>`).
+//!
+//! It is a crate of its own so that the `integration` crate only tests: it uses that
+//! crate's harness ([`integration::Etcd`], [`integration::free_port`], the test platform key)
+//! as a library, and nothing there depends on it.
 //!
 //! Each scenario starts its own world — a single-member etcd **with fsync on** on free
 //! loopback ports and the real release service binaries (`target/release/*-svc`, next to
