@@ -126,7 +126,10 @@ pub fn router_requests(data: &[u8]) {
     if let Ok(r) = pb::RouteRequest::decode(data) {
         accounts(&callers, Scope::RouterRoute, &r.account_id);
         if let Ok(channel) = requests::route(&r) {
-            assert!((1..=32).contains(&channel.len()), "channel {channel:?}");
+            assert!(
+                (1..=plumbing::rules::CHANNEL_MAX).contains(&channel.len()),
+                "channel {channel:?}"
+            );
         }
     }
     if let Ok(r) = pb::GetCommunicationRequest::decode(data) {

@@ -4,6 +4,10 @@
 use std::collections::HashMap;
 
 use base64::Engine as _;
+use plumbing::rules::{
+    CHANNEL_MAX, PARAMETER_NAME_MAX, PARAMETER_VALUE_MAX, ROUTE_PARAMETERS_MAX, SIGNING_SECRET_MAX,
+    SIGNING_SECRET_MIN,
+};
 use plumbing::validate::{self, FieldError, NAME_MAX};
 use proto::router::v1 as pb;
 
@@ -11,7 +15,7 @@ use crate::url::WebhookUrl;
 use crate::xml;
 
 /// Signing secret length bounds.
-const SECRET_LEN: (usize, usize) = (16, 256);
+const SECRET_LEN: (usize, usize) = (SIGNING_SECRET_MIN, SIGNING_SECRET_MAX);
 
 /// An application's address (`to`): 1–256 characters of `A-Z a-z 0-9 . _ - : @ +`.
 pub fn address(field: &str, value: &str) -> Result<(), FieldError> {
@@ -127,14 +131,14 @@ pub fn route(request: &pb::RouteRequest) -> Result<String, FieldError> {
     } else {
         request.channel.clone()
     };
-    if channel.len() > 32
+    if channel.len() > CHANNEL_MAX
         || !channel
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
     {
         return Err(FieldError::new(
             "channel",
-            "must be 1 to 32 characters from [a-z0-9_-]",
+            format!("must be 1 to {CHANNEL_MAX} characters from [a-z0-9_-]"),
         ));
     }
     if !request.communication_id.is_empty() {
@@ -164,22 +168,26 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// Route parameters: at most 32; keys 1–64 characters, values at most 1024.
+/// Route parameters: at most [`ROUTE_PARAMETERS_MAX`]; keys 1–[`PARAMETER_NAME_MAX`]
+/// characters, values at most [`PARAMETER_VALUE_MAX`].
 pub fn parameters(field: &str, params: &HashMap<String, String>) -> Result<(), FieldError> {
-    if params.len() > 32 {
-        return Err(FieldError::new(field, "at most 32 entries"));
+    if params.len() > ROUTE_PARAMETERS_MAX {
+        return Err(FieldError::new(
+            field,
+            format!("at most {ROUTE_PARAMETERS_MAX} entries"),
+        ));
     }
     for (key, value) in params {
-        if key.is_empty() || key.chars().count() > 64 {
+        if key.is_empty() || key.chars().count() > PARAMETER_NAME_MAX {
             return Err(FieldError::new(
                 format!("{field}[{key}]"),
-                "keys must be 1 to 64 characters",
+                format!("keys must be 1 to {PARAMETER_NAME_MAX} characters"),
             ));
         }
-        if value.chars().count() > 1024 {
+        if value.chars().count() > PARAMETER_VALUE_MAX {
             return Err(FieldError::new(
                 format!("{field}[{key}]"),
-                "values must be at most 1024 characters",
+                format!("values must be at most {PARAMETER_VALUE_MAX} characters"),
             ));
         }
     }

@@ -9,8 +9,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// Longest URL accepted.
-pub const URL_MAX: usize = 2048;
+pub use plumbing::rules::URL_MAX;
 
 /// `http` or `https`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -12,16 +12,13 @@ use std::collections::BTreeMap;
 
 use self::tree::{Element, Node, parse_tree};
 
-/// Largest document accepted, in bytes.
-pub const MAX_DOCUMENT: usize = 64 * 1024;
-/// Deepest element nesting accepted.
-pub const MAX_DEPTH: usize = 8;
-/// Most elements in one document.
-pub const MAX_ELEMENTS: usize = 1000;
-/// Most `Client` nouns in one `Dial`.
-pub const MAX_CLIENTS: usize = 20;
-/// Most parameters of one `Client`.
-pub const MAX_PARAMETERS: usize = 32;
+// The document's size and shape bounds are the contract's limits (plumbing::rules), under
+// the names this module uses.
+pub use plumbing::rules::{
+    CLIENT_PARAMETERS_MAX as MAX_PARAMETERS, DIAL_CLIENTS_MAX as MAX_CLIENTS,
+    INSTRUCTIONS_MAX_BYTES as MAX_DOCUMENT, INSTRUCTIONS_MAX_DEPTH as MAX_DEPTH,
+    INSTRUCTIONS_MAX_ELEMENTS as MAX_ELEMENTS,
+};
 /// Dial `timeout` default and bounds, seconds.
 pub const DIAL_TIMEOUT: (u32, u32, u32) = (30, 1, 600);
 /// Dial `timeLimit` default and bounds, seconds.
