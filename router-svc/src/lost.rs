@@ -10,8 +10,18 @@
 //! within the lease's TTL plus one sweep period of its replica's death.
 //!
 //! When this replica's own lease is replaced, each communication it runs is written again at
-//! once, which moves its index entry under the new lease; the sweep skips leases this
-//! replica held, so it never settles its own communications.
+//! once, which moves its index entry under the new lease; the sweep does not settle the
+//! communications this replica runs.
+//!
+//! **Orphans.** An entry under one of this replica's own leases whose communication it does
+//! not run (no runner in [`crate::live`]) is an orphan, and the sweep settles it the same
+//! way: its lease is alive, so no other replica ever would. Two paths leave one: a creation
+//! txn that etcd applied although the call that sent it failed (a leader change: the
+//! answer was lost, Route answered UNAVAILABLE and no runner started), and a final record
+//! the runner gave up writing. Settling one is safe against a runner that is still writing:
+//! a communication is in the live map from before its creation is sent until after its
+//! final record is written (which deletes the entry), and the settlement's txn applies only
+//! while the entry exists and the record is unchanged since it was read.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -69,11 +79,18 @@ pub fn start(
     })
 }
 
-/// Settles every entry under a dead lease not in `mine`.
+/// Settles every entry under a dead lease not in `mine`, and every orphan under one in it.
 async fn sweep(engine: &Engine, mine: &HashSet<i64>) -> Result<(), EtcdError> {
     let mut alive: HashMap<i64, bool> = HashMap::new();
     for entry in engine.store.index().await? {
         if mine.contains(&entry.lease) {
+            if engine.store.runs_here(&entry.record, &engine.live) {
+                continue;
+            }
+            tracing::warn!(record = %entry.record, "an index entry of this replica with no communication running here: settling the orphan");
+            if let Some(settled) = engine.store.settle_lost(&entry).await? {
+                settled_here(engine, settled).await;
+            }
             continue;
         }
         let live = match alive.get(&entry.lease) {

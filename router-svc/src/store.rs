@@ -272,6 +272,14 @@ impl CommStore {
         Ok(entries.collect())
     }
 
+    /// Whether the communication of record key `record` runs on this replica (is in `live`).
+    pub fn runs_here(&self, record: &str, live: &crate::live::LiveTable) -> bool {
+        record
+            .strip_prefix(self.inner.root.as_str())
+            .and_then(|tail| tail.split_once('/'))
+            .is_some_and(|(account, id)| live.get(account, id).is_some())
+    }
+
     /// Whether etcd still knows lease `lease`. A lease past its TTL but not yet revoked
     /// (etcd revokes expired leases a moment later, through raft) still counts as alive:
     /// its keeper may yet renew it. Only a revoked lease (TTL -1) is lost for good.

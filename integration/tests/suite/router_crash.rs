@@ -157,6 +157,97 @@ async fn a_stopping_router_ends_its_communications_and_releases_their_slots() {
     );
 }
 
+/// A record and index entry under a live replica's own lease with no runner behind them
+/// (left by a creation etcd applied after its call had failed, or a final write given up):
+/// the replica's own sweep settles the orphan; no other replica would, as the lease is alive.
+#[tokio::test]
+async fn an_orphaned_record_under_a_live_replicas_lease_is_settled_by_that_replica() {
+    let world = World::start(10).await;
+    world
+        .inline(
+            "support",
+            "<Response><Dial timeout=\"60\"><Client>alice</Client></Dial></Response>",
+        )
+        .await;
+    let mut alice = world.device("alice", "phone").await;
+    let router = world.router();
+    let routing = tokio::spawn({
+        let router = router.clone();
+        async move { router.route("support", "CM-running").await }
+    });
+    alice.offer().await;
+    let entries = index_entries(&world).await;
+    assert_eq!(entries.len(), 1, "one communication indexed");
+    let lease = entries[0].0;
+
+    // The orphan: a ringing record and its index entry under the same live lease.
+    let record_key = format!(
+        "{}/router/comms/{}/CM-orphan",
+        world.prefix,
+        crate::router_support::ACCOUNT
+    );
+    let orphan = router_svc::model::StoredRecord {
+        communication: Some(pb::Communication {
+            communication_id: "CM-orphan".into(),
+            account_id: crate::router_support::ACCOUNT.into(),
+            to: "support".into(),
+            state: pb::CommunicationState::Ringing as i32,
+            ..Default::default()
+        }),
+        owner: world.router.addr.to_string(),
+        slot_id: String::new(),
+    };
+    let mut etcd = world.etcd.client().await;
+    etcd.put(
+        record_key.as_str(),
+        prost::Message::encode_to_vec(&orphan),
+        None,
+    )
+    .await
+    .unwrap();
+    etcd.put(
+        format!(
+            "{}/router/owned/{lease:016x}/{}/CM-orphan",
+            world.prefix,
+            crate::router_support::ACCOUNT
+        ),
+        record_key.as_str(),
+        None,
+    )
+    .await
+    .unwrap();
+
+    let settled = poll_until(
+        "the orphan to be settled by its own replica",
+        Duration::from_secs(15),
+        || async {
+            let comm = router.get("CM-orphan").await.ok()?;
+            (comm.state == pb::CommunicationState::Ended as i32).then_some(comm)
+        },
+    )
+    .await;
+    assert_eq!(outcome(&settled), Outcome::Failed);
+    assert_eq!(
+        settled
+            .timeline
+            .last()
+            .and_then(|e| e.details.get("reason"))
+            .map(String::as_str),
+        Some("router_lost")
+    );
+    // The communication that does run here is left alone: still ringing, still indexed.
+    let entries = index_entries(&world).await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].1.ends_with("/CM-running"), "{entries:?}");
+    assert_eq!(
+        router.get("CM-running").await.unwrap().state,
+        pb::CommunicationState::Ringing as i32
+    );
+    router.hangup("CM-running").await.unwrap();
+    routing.await.unwrap().unwrap();
+    assert!(index_entries(&world).await.is_empty());
+}
+
 /// The index entries of the world's communications: (owner lease, key).
 async fn index_entries(world: &World) -> Vec<(i64, String)> {
     let mut etcd = world.etcd.client().await;
