@@ -1,6 +1,6 @@
 //! The router's domain: start a communication (idempotently, across replicas), find one
 //! (here, in etcd, or on the replica that runs it), hang one up, and stop them all when the
-//! replica stops. Handlers in [`crate::api`] only authorise, validate and convert.
+//! replica stops. Handlers in [`crate::grpc`] only authorise, validate and convert.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,42 +9,14 @@ use tracing::Instrument;
 use proto::router::v1 as pb;
 use proto::router::v1::CommunicationState as State;
 use proto::router::v1::TimelineEventKind as Kind;
-use tokio_util::sync::CancellationToken;
 
-use crate::apps::ApplicationStore;
+use crate::communication::HangupSource;
+pub use crate::context::Engine;
 use crate::error::Error;
-use crate::live::{HangupSource, LiveComm, LiveTable};
+use crate::live::LiveComm;
 use crate::model::{StoredRecord, event, is_ended, now_ms, timestamp};
-use crate::peers::Peers;
 use crate::runner::Runner;
-use crate::store::{CommStore, Created};
-use crate::webhook::WebhookClient;
-
-/// Everything a communication's runner needs, shared by all of them.
-#[derive(Debug)]
-pub struct Engine {
-    /// Applications.
-    pub apps: ApplicationStore,
-    /// Communication records.
-    pub store: CommStore,
-    /// Communications running here.
-    pub live: Arc<LiveTable>,
-    /// Limiter, presence and router peers.
-    pub peers: Peers,
-    /// Webhook HTTP client.
-    pub webhooks: WebhookClient,
-    /// Hold of communication slots (renewed every third of it).
-    pub slot_hold: Duration,
-    /// Refuse communications when the limiter is unreachable.
-    pub fail_closed: bool,
-    /// Fires when the replica starts stopping: no new communications.
-    pub shutdown: CancellationToken,
-    /// Offers and outcomes, for Prometheus.
-    pub stats: crate::stats::RouterStats,
-    /// WatchCommunication streams open per account on this replica
-    /// (`--max-watches-per-account`).
-    pub watches: plumbing::quota::AccountQuota,
-}
+use crate::store::Created;
 
 /// A validated Route call.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use plumbing::validate;
 use prost::Message;
 use proto::router::v1 as pb;
 
-use crate::api::requests;
+use crate::grpc::requests;
 use crate::rules;
 use crate::url::WebhookUrl;
 use crate::xml::{self, Verb};

@@ -46,38 +46,35 @@
 //!
 //! # The state machine
 //!
-//! See [`runner`] (instructions, fallback, redirects, Dial action) and [`dial`] (ringing,
-//! first accept wins, the connected leg). Every await point of a communication also waits
-//! for a hangup request (a Hangup call, or the replica stopping), so a hangup ends it at
-//! once whatever it is doing.
+//! A communication's life is one owned type, [`communication::Machine`], advanced by
+//! events (an answer from the limiter, a webhook or presence; a leg's news; the clock; a
+//! hangup) and returning the effects to perform. The async shell ([`runner`]) performs
+//! them through the ports ([`ports`], [`webhook`], [`store`], [`callbacks`]) and
+//! feeds the answers back. A hangup request (a Hangup call, or the replica stopping) is an
+//! event like any other, so a hangup ends the communication at once whatever it is doing.
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod apps;
 pub mod callbacks;
-pub mod dial;
+pub mod communication;
+pub mod context;
 pub mod engine;
 pub mod error;
-pub mod fetch;
-pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod legs;
+pub mod grpc;
 pub mod live;
 pub mod lost;
 pub mod model;
 pub mod peers;
+pub mod ports;
 pub mod retention;
 pub mod rules;
 pub mod runner;
-pub(crate) mod schedule;
-pub mod slot;
 pub mod stats;
 pub mod store;
 pub mod url;
-pub mod watch;
 pub mod webhook;
-pub mod webhook_tls;
 pub mod xml;
 
 use std::future::Future;
@@ -98,14 +95,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
-use crate::api::RouterApi;
 use crate::apps::ApplicationStore;
 use crate::engine::Engine;
+use crate::grpc::api::RouterApi;
 use crate::live::LiveTable;
 use crate::peers::Peers;
 use crate::store::CommStore;
 use crate::webhook::WebhookClient;
-use crate::webhook_tls::WebhookTls;
+use crate::webhook::tls::WebhookTls;
 
 /// Flags of the router server.
 #[derive(Debug, Clone, Args)]

@@ -9,19 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use proto::router::v1 as pb;
 use tokio::sync::{Notify, watch};
 
+use crate::communication::HangupSource;
 use crate::model::{is_ended, is_settled};
-
-/// Who asked to hang up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HangupSource {
-    /// A Hangup call (the caller's side).
-    Api(String),
-    /// The router replica is stopping.
-    Shutdown,
-    /// Another replica settled it (`router_lost`) while this replica could not reach etcd
-    /// under its lease: it is over in etcd, so it ends here too.
-    SettledElsewhere,
-}
 
 /// One communication in progress on this replica.
 #[derive(Debug)]

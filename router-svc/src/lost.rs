@@ -32,10 +32,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::callbacks::StatusCallbacks;
-use crate::engine::Engine;
+use crate::communication::status_params;
+use crate::context::Engine;
 use crate::model::StoredRecord;
-use crate::runner::status_params;
-use crate::slot;
+use crate::ports::slot;
 
 /// How often a replica with lease TTL `replica_ttl` (seconds) sweeps the index.
 pub fn sweep_period(replica_ttl: i64) -> Duration {

@@ -39,7 +39,8 @@ use plumbing::metrics::TxnStats;
 use prost::Message;
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::live::{FINAL_WRITTEN, HangupSource, LiveComm};
+use crate::communication::HangupSource;
+use crate::live::{FINAL_WRITTEN, LiveComm};
 use crate::model::{StoredRecord, finish_lost, is_ended};
 use crate::retention::Retention;
 

@@ -3,11 +3,13 @@
 //! response, and the SSRF guard applied to the *resolved* address — the connection goes to
 //! the very address that was checked, so a DNS answer cannot change between check and use.
 //!
-//! HTTP/1.1 over hyper, for `https` URLs over TLS ([`crate::webhook_tls`]: the host as SNI
+//! HTTP/1.1 over hyper, for `https` URLs over TLS ([`tls`]: the host as SNI
 //! and verified name, the system's roots plus `--webhook-ca`). Idle connections are kept per
 //! origin — scheme, checked address and host name, so a TLS connection verified for one name
 //! never carries a request for another — for reuse (the webhook of a busy application is
 //! asked many times a second), at most [`IDLE_PER_ORIGIN`] each, for at most [`IDLE_FOR`].
+
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,8 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::stats::WebhookStats;
 use crate::url::{Scheme, WebhookUrl, is_public, refusal};
-use crate::webhook_tls::{TlsFailure, WebhookTls};
 use crate::xml::Method;
+use tls::{TlsFailure, WebhookTls};
 
 /// Connect deadline (DNS, TCP, and the TLS handshake of https).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -308,7 +310,14 @@ impl WebhookClient {
         let _ = stream.set_nodelay(true);
         let sender = match url.scheme {
             Scheme::Http => http1(stream).await?,
-            Scheme::Https => http1(self.tls.connect(&url.host, stream).await?).await?,
+            Scheme::Https => {
+                let tls = self.tls.connect(&url.host, stream, CONNECT_TIMEOUT).await;
+                let tls = tls.map_err(|reason| WebhookError::Tls {
+                    host: url.host.clone(),
+                    reason,
+                })?;
+                http1(tls).await?
+            }
         };
         Ok((origin, sender))
     }

@@ -2,25 +2,21 @@
 //! domain ([`crate::apps`], [`crate::engine`]), convert back. Calls about a communication
 //! that another replica runs are forwarded to it, once.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
 use plumbing::auth::{Caller, Scope};
 use plumbing::paging;
 use proto::router::v1 as pb;
 use proto::router::v1::router_service_server::RouterService;
 use tonic::{Request, Response, Status};
 
+use super::forward;
+use super::requests;
+use super::watch;
 use crate::engine::{Engine, Found, RouteSpec};
 use crate::error::Error;
-use crate::forward;
 use crate::model::millis;
 use crate::rules;
-use crate::watch;
-
-#[path = "api_requests.rs"]
-pub mod requests;
 
 /// The RouterService handlers.
 #[derive(Debug, Clone)]
@@ -43,10 +39,6 @@ fn authorise<T>(request: &Request<T>, scope: Scope, account_id: &str) -> Result<
 fn forwarded<T>(request: &Request<T>) -> bool {
     plumbing::client::is_forwarded(request.metadata())
 }
-
-/// The stream of WatchCommunication.
-pub type WatchStream =
-    Pin<Box<dyn Stream<Item = Result<pb::WatchCommunicationResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RouterService for RouterApi {
@@ -228,7 +220,7 @@ impl RouterService for RouterApi {
     async fn watch_communication(
         &self,
         request: Request<pb::WatchCommunicationRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
+    ) -> Result<Response<watch::WatchStream>, Status> {
         let account = authorise(&request, Scope::RouterRoute, &request.get_ref().account_id)?;
         let is_forwarded = forwarded(&request);
         let mut r = request.into_inner();

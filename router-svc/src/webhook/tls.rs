@@ -7,7 +7,7 @@
 //! verifies the chain and that the certificate names the URL's host (also sent as SNI), and
 //! offers ALPN `http/1.1`, the only protocol the webhook client speaks.
 //!
-//! A failed handshake is a [`WebhookError::Tls`]: like any webhook failure it is recorded in
+//! A failed handshake is a `WebhookError::Tls`: like any webhook failure it is recorded in
 //! the communication's timeline and sends the fetch to the fallback URL.
 
 use std::path::Path;
@@ -21,8 +21,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::{self, CertificateError, RootCertStore};
-
-use crate::webhook::{CONNECT_TIMEOUT, WebhookError};
 
 /// The flag naming extra CAs to trust.
 pub const WEBHOOK_CA_FLAG: &str = "--webhook-ca";
@@ -44,9 +42,9 @@ pub enum TlsFailure {
     /// The host cannot be a TLS server name.
     #[error("the host is not a valid TLS server name")]
     BadServerName,
-    /// No handshake within [`CONNECT_TIMEOUT`].
-    #[error("no TLS handshake within {}s", CONNECT_TIMEOUT.as_secs())]
-    Timeout,
+    /// No handshake within the connect deadline (seconds).
+    #[error("no TLS handshake within {0}s")]
+    Timeout(u64),
     /// Any other handshake failure (an alert, no common protocol version or cipher, a
     /// peer that is not speaking TLS).
     #[error("handshake failed: {0}")]
@@ -107,22 +105,18 @@ impl WebhookTls {
     }
 
     /// Handshakes over `stream` (already connected to the checked address) with `host` as
-    /// the server name to send and verify.
+    /// the server name to send and verify, within `within`.
     pub async fn connect(
         &self,
         host: &str,
         stream: TcpStream,
-    ) -> Result<TlsStream<TcpStream>, WebhookError> {
-        let failed = |reason| WebhookError::Tls {
-            host: host.to_owned(),
-            reason,
-        };
-        let name =
-            ServerName::try_from(host.to_owned()).map_err(|_| failed(TlsFailure::BadServerName))?;
-        tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect(name, stream))
+        within: std::time::Duration,
+    ) -> Result<TlsStream<TcpStream>, TlsFailure> {
+        let name = ServerName::try_from(host.to_owned()).map_err(|_| TlsFailure::BadServerName)?;
+        tokio::time::timeout(within, self.connector.connect(name, stream))
             .await
-            .map_err(|_| failed(TlsFailure::Timeout))?
-            .map_err(|err| failed(classify(&err)))
+            .map_err(|_| TlsFailure::Timeout(within.as_secs()))?
+            .map_err(|err| classify(&err))
     }
 }
 

@@ -10,7 +10,7 @@ use plumbing::client::mark_forwarded;
 use proto::router::v1 as pb;
 use tonic::Request;
 
-use crate::api::WatchStream;
+use super::watch::WatchStream;
 use crate::error::Error;
 use crate::peers::Peers;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use proto::limiter::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
+use crate::communication::IdentityUsage;
 use crate::peers::Peers;
 
 /// The limiter resource of communications.
@@ -54,17 +55,6 @@ pub async fn acquire(
     hold: Duration,
 ) -> Admission {
     acquire_for(peers, account, RESOURCE, communication_id, hold).await
-}
-
-/// What the limiter says of an identity's connected communications.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentityUsage {
-    /// No limit applies (or the limiter cannot say): ring it, take no slot.
-    Unlimited,
-    /// Under its limit: ring it, take a slot when it answers.
-    Limited,
-    /// At its limit: (in flight, limit).
-    Busy(u32, u32),
 }
 
 /// Whether `identity` of `account` is limited in connected communications, and busy.

@@ -1,14 +1,14 @@
 //! The rules of a Dial as plain values: who is rung when (staged `delay`s, sequential
 //! turns), how a leg that stopped without an answer ended, and the Dial's outcome when
-//! nobody connected. The Dial's async shell (`dial.rs`) feeds them the time — milliseconds
-//! since the Dial began — and what the legs did, and performs what they decide; nothing
-//! here reads a clock or touches a socket, so each rule has a unit test.
+//! nobody connected. The Dial's part of the machine ([`super::dial`]) feeds them the time —
+//! milliseconds since the Dial began — and what the legs did, and acts on what they
+//! decide; nothing here reads a clock or touches a socket, so each rule has a unit test.
 
 use proto::presence::v1 as ppb;
 use proto::router::v1::{LegEndReason, Outcome};
 
-use crate::legs::LegNews;
-use crate::live::HangupSource;
+use super::HangupSource;
+use super::LegNews;
 use crate::xml::Dial;
 
 /// Who of a Dial's `<Client>`s rings when.

@@ -2,18 +2,22 @@
 //! each new one as it happens, ending after ENDED. A producer task feeds the stream, so a
 //! client that goes away is noticed.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use plumbing::quota::QuotaPermit;
 use proto::router::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::Status;
 
-use crate::api::WatchStream;
 use crate::live::LiveComm;
 use crate::model::is_ended;
+
+/// The stream of WatchCommunication.
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchCommunicationResponse, Status>> + Send>>;
 
 /// Events queued for a slow reader.
 const BUFFER: usize = 32;
