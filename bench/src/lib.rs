@@ -100,7 +100,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "presence",
         about: "presence-svc (1 replica): reads against the RPC ceiling, registrations, \
-                watch latency, 50,000 Connect sessions and their memory",
+                watch latency, 100,000 Connect sessions and their memory",
         run: run_presence,
     },
     Scenario {

@@ -84,13 +84,20 @@ pub fn in_range<T: PartialOrd + std::fmt::Display>(
     }
 }
 
-fn token_chars(
-    field: &str,
-    value: &str,
-    max: usize,
-    allowed: impl Fn(char) -> bool,
-    charset: &str,
-) -> Result<(), FieldError> {
+/// Free text: 1–`max` characters, no control characters.
+pub fn text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    characters(field, value, max)?;
+    if value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// 1–`max` characters.
+fn characters(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     if value.is_empty() {
         return Err(FieldError::new(field, "must not be empty"));
     }
@@ -100,6 +107,17 @@ fn token_chars(
             format!("must be at most {max} characters"),
         ));
     }
+    Ok(())
+}
+
+fn token_chars(
+    field: &str,
+    value: &str,
+    max: usize,
+    allowed: impl Fn(char) -> bool,
+    charset: &str,
+) -> Result<(), FieldError> {
+    characters(field, value, max)?;
     if !value.chars().all(allowed) {
         return Err(FieldError::new(
             field,

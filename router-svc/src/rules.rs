@@ -124,7 +124,7 @@ pub fn new_communication_id() -> String {
 
 /// Checks a RouteRequest; returns the channel (default `voice`).
 pub fn route(request: &pb::RouteRequest) -> Result<String, FieldError> {
-    text("from", &request.from, NAME_MAX)?;
+    validate::text("from", &request.from, NAME_MAX)?;
     address("to", &request.to)?;
     let channel = if request.channel.is_empty() {
         "voice".to_owned()
@@ -146,26 +146,6 @@ pub fn route(request: &pb::RouteRequest) -> Result<String, FieldError> {
     }
     parameters("parameters", &request.parameters)?;
     Ok(channel)
-}
-
-/// Free text: 1–`max` characters, no control characters.
-pub fn text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
-    if value.is_empty() {
-        return Err(FieldError::new(field, "must not be empty"));
-    }
-    if value.chars().count() > max {
-        return Err(FieldError::new(
-            field,
-            format!("must be at most {max} characters"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(FieldError::new(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(())
 }
 
 /// Route parameters: at most [`ROUTE_PARAMETERS_MAX`]; keys 1–[`PARAMETER_NAME_MAX`]
