@@ -55,6 +55,7 @@ pub fn communication(communication: &Communication) -> String {
         .timeline
         .first()
         .and_then(|event| millis(event.time.as_ref()));
+    // Padded to the longest kind, LEG_DELIVERED.
     for event in &c.timeline {
         let offset = match (start, millis(event.time.as_ref())) {
             (Some(start), Some(at)) => format!("+{:5}ms", at - start),
@@ -62,7 +63,7 @@ pub fn communication(communication: &Communication) -> String {
         };
         let _ = writeln!(
             text,
-            "      {:>2} {offset}  {:<12} {}",
+            "      {:>2} {offset}  {:<13} {}",
             event.sequence,
             short(kind_name(event.kind), "TIMELINE_EVENT_KIND_"),
             event.message,
