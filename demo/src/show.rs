@@ -152,8 +152,8 @@ mod tests {
              \x20   legs:\n\
              \x20     CM_demo_1.1  alice/alice-softphone  CONNECTED  end_reason=-\n\
              \x20   timeline:\n\
-             \x20      1 +    0ms  CREATED      +15551234 -> +15550100 (voice)\n\
-             \x20      6 + 2009ms  CONNECTED    connected to alice\n"
+             \x20      1 +    0ms  CREATED       +15551234 -> +15550100 (voice)\n\
+             \x20      6 + 2009ms  CONNECTED     connected to alice\n"
         );
     }
 
