@@ -6,7 +6,7 @@
 //!     legs:
 //!       CM_demo_1.1  alice/alice-softphone  CONNECTED  end_reason=-
 //!     timeline:
-//!        1 +    0ms  CREATED      +15551234 -> +15550100 (voice)
+//!        1 +    0ms  CREATED       +15551234 -> +15550100 (voice)
 //! ```
 
 use std::fmt::Write as _;
